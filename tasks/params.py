@@ -69,21 +69,26 @@ class ZooParams(_Strict):
     threads: int = Field(2, ge=1)
 
 
-class ExpertSpec(_Strict):
-    """One expert of the registry: its source and the task whose data evaluates it."""
+class HubSource(_Strict):
+    """A checkpoint on the Hugging Face Hub, fetched into a local folder by the `hub_fetch@<name>` stage."""
 
-    task: str
-    path: str | None = None
-    repo_id: str | None = None
+    repo_id: str
     subfolder: str | None = None
     revision: str = "main"
 
-    @model_validator(mode="after")
-    def _one_source(self):
-        if bool(self.path) == bool(self.repo_id):
-            raise ValueError("give exactly one of path (local folder) or repo_id (Hugging Face Hub)")
-        return self
 
+class ExpertSpec(_Strict):
+    """One expert of the registry: its local checkpoint folder and the task data that evaluates it.
+
+    `path` is a folder in Hugging Face layout: the embedded zoo's output, any local fine-tune, or the folder a
+    `hub_sources` entry is fetched into (`data/hub/<name>`). `data` holds train/validation/test parquet
+    tables with columns text, label and a labels.json; `metric` names a `twinmerge.metrics` metric.
+    """
+
+    path: str
+    task: str
+    data: str
+    metric: str = "accuracy"
 
 class MergeParams(_Strict):
     method: str = "task_arithmetic"
@@ -137,6 +142,7 @@ class Params(_Strict):
     base: BaseModelSource
     data: DataParams = Field(default_factory=DataParams)
     zoo: ZooParams = Field(default_factory=ZooParams)
+    hub_sources: dict[str, HubSource] = Field(default_factory=dict)
     experts: dict[str, ExpertSpec] = Field(default_factory=dict)
     merge: MergeParams = Field(default_factory=MergeParams)
     compress: CompressParams = Field(default_factory=CompressParams)
