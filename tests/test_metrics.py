@@ -1,0 +1,63 @@
+"""Metrics against scikit-learn / scipy on random data; normalised score."""
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sklearn import metrics as skm
+
+from twinmerge.errors import TwinMergeError
+from twinmerge.metrics import METRICS, mean_normalized, normalized_score, score
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 7])
+def test_classification_metrics_match_sklearn(n_classes):
+    for _ in range(5):
+        y = RNG.integers(0, n_classes, 50)
+        p = np.where(RNG.random(50) < 0.6, y, RNG.integers(0, n_classes, 50))
+        assert score("accuracy", p, y) == pytest.approx(skm.accuracy_score(y, p))
+        assert score("macro_f1", p, y) == pytest.approx(skm.f1_score(y, p, average="macro"))
+        assert score("matthews_corrcoef", p, y) == pytest.approx(skm.matthews_corrcoef(y, p))
+        if n_classes == 2:
+            assert score("binary_f1", p, y) == pytest.approx(skm.f1_score(y, p))
+            assert score("acc_f1", p, y) == pytest.approx((skm.accuracy_score(y, p) + skm.f1_score(y, p)) / 2)
+
+
+def test_degenerate_classification():
+    y = np.array([1, 1, 2, 2])
+    p = np.array([1, 1, 1, 1])  # a class never predicted; constant predictions
+    assert score("macro_f1", p, y) == pytest.approx(skm.f1_score(y, p, average="macro", zero_division=0))
+    assert score("matthews_corrcoef", p, y) == skm.matthews_corrcoef(y, p) == 0.0
+    assert score("binary_f1", np.zeros(4), np.zeros(4)) == 0.0
+
+
+def test_correlations_match_scipy_with_ties():
+    y = RNG.normal(size=40)
+    p = np.round(y + RNG.normal(scale=0.7, size=40), 1)  # rounding creates ties
+    p[:6] = p[0]
+    assert score("pearson", p, y) == pytest.approx(stats.pearsonr(p, y)[0])
+    assert score("spearman", p, y) == pytest.approx(stats.spearmanr(p, y)[0])
+    assert score("pearson_spearman", torch.tensor(p), torch.tensor(y)) == pytest.approx(
+        (stats.pearsonr(p, y)[0] + stats.spearmanr(p, y)[0]) / 2)
+    assert np.isnan(score("pearson", np.ones(5), y[:5]))
+
+
+def test_all_metrics_return_floats_and_accept_tensors():
+    y = torch.tensor([0, 1, 1, 0, 1])
+    p = torch.tensor([0, 1, 0, 0, 1])
+    for name in METRICS:
+        assert type(score(name, p, y)) is float
+
+
+def test_normalized_score():
+    assert normalized_score(0.45, 0.9) == pytest.approx(50.0)
+    assert mean_normalized({"a": 0.9, "b": 0.5}, {"a": 0.9, "b": 0.4}) == pytest.approx((100 + 125) / 2)
+    with pytest.raises(TwinMergeError):
+        normalized_score(0.5, 0.0)
+    with pytest.raises(TwinMergeError, match="tasks differ"):
+        mean_normalized({"a": 1.0}, {"b": 1.0})
+    with pytest.raises(TwinMergeError, match="unknown metric"):
+        score("bleu", [1], [1])
+    with pytest.raises(TwinMergeError, match="same length"):
+        score("accuracy", [1, 2], [1])

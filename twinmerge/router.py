@@ -1,0 +1,238 @@
+"""The router: pooled hidden-state features of the shared expert -> MLP -> routing weights over n experts.
+
+Features: hidden states of the chosen layers (index into HF `hidden_states`: 0 = embeddings, -1 = last),
+pooled over non-padding tokens ("mean", "cls", "max" or "mean_max" = [mean, max]) and concatenated:
+D = len(layers) * H (2 * len(layers) * H for mean_max).
+MLP (the paper's): D -> h -> h -> n with h = hidden_mult * D, each hidden layer Linear, BatchNorm1d,
+LeakyReLU, Dropout; inputs standardised with the training features' mean/std (buffers).
+Training uses VALIDATION data only: a seeded stratified fit/holdout split, AdamW + cross-entropy, early
+stopping on holdout accuracy (ties: lower loss), best state restored.
+Routing weights: softmax(logits / T); with top_k the k largest are kept and renormalised to sum 1
+(`twinmerge.dynamic.top_k_weights`, the same rule the dynamic model applies).
+"""
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from twinmerge.dynamic import top_k_weights
+from twinmerge.errors import CheckpointError, TwinMergeError
+from twinmerge.io import save_safetensors_atomic, write_json_atomic
+
+POOLINGS = ("mean", "cls", "max", "mean_max")
+ROUTER_FORMAT = "twinmerge-router/1"
+
+
+def features_from_batch(hidden_states, attention_mask, layers=(-1,), pooling="mean"):
+    """Pool hidden_states (sequence of [B, L, H]) over tokens where attention_mask [B, L] is 1.
+
+    mean = sum_l m_l h_l / sum_l m_l; cls = h_0; max = max over unmasked tokens. Returns [B, D].
+    """
+    if pooling not in POOLINGS:
+        raise TwinMergeError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    mask = attention_mask[:, :, None].to(hidden_states[0].dtype)
+    pooled = []
+    for layer in layers:
+        h = hidden_states[layer]
+        if pooling in ("mean", "mean_max"):
+            pooled.append((h * mask).sum(1) / mask.sum(1).clamp(min=1))
+        if pooling in ("max", "mean_max"):
+            pooled.append(h.masked_fill(mask == 0, float("-inf")).max(1).values)
+        if pooling == "cls":
+            pooled.append(h[:, 0])
+    return torch.cat(pooled, dim=1)
+
+
+@torch.no_grad()
+def extract_features(model, tokenizer, texts, layers=(-1,), pooling="mean", batch_size=64, max_length=128,
+                     progress=True):
+    """Router features [N, D] of `texts` from the base encoder of `model` (an HF model, e.g. theta_s).
+
+    Texts are batched in length order (less padding) and returned in input order.
+    """
+    encoder = getattr(model, "base_model", model)
+    was_training = encoder.training
+    encoder.eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = [None] * len(texts)
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="router features", disable=not progress):
+            chunk = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt").to(next(encoder.parameters()).device)
+            hidden = encoder(**enc, output_hidden_states=True).hidden_states
+            feats = features_from_batch(hidden, enc["attention_mask"], layers, pooling).float().cpu()
+            for i, f in zip(chunk, feats):
+                out[i] = f
+    finally:
+        encoder.train(was_training)
+    return torch.stack(out)
+
+
+@dataclass
+class RouterConfig:
+    """Router architecture, training and routing options (JSON-serialisable via asdict / from_dict)."""
+
+    in_dim: int
+    n_experts: int
+    hidden_mult: float = 2.0
+    depth: int = 2
+    dropout: float = 0.5
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    epochs: int = 100
+    batch_size: int = 64
+    patience: int = 10
+    holdout_fraction: float = 0.2
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int | None = None
+    layers: list[int] = field(default_factory=lambda: [-1])
+    pooling: str = "mean"
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+class Router(nn.Module):
+    """MLP router: x [N, in_dim] -> standardise -> depth x (Linear, BatchNorm1d, LeakyReLU, Dropout) -> [N, n]."""
+
+    def __init__(self, config: RouterConfig):
+        super().__init__()
+        hidden, layers, width = round(config.hidden_mult * config.in_dim), [], config.in_dim
+        for _ in range(config.depth):
+            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(), nn.Dropout(config.dropout)]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, config.n_experts))
+        self.register_buffer("mean", torch.zeros(config.in_dim))
+        self.register_buffer("std", torch.ones(config.in_dim))
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+def stratified_split(labels, fraction, seed):
+    """Seeded stratified split of indices into (fit, holdout); each class with >= 2 samples gives
+    max(1, round(fraction * n_c)) to holdout (none when fraction == 0), keeping >= 1 to fit."""
+    g = torch.Generator().manual_seed(seed)
+    fit, holdout = [], []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = 0 if fraction == 0 or len(idx) < 2 else min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        holdout.append(idx[:k])
+        fit.append(idx[k:])
+    return torch.cat(fit).sort().values, torch.cat(holdout).sort().values
+
+
+@dataclass
+class TrainReport:
+    """Holdout accuracy (overall, per class), confusion [true, pred] counts, epochs run, per-epoch history."""
+
+    holdout_accuracy: float | None
+    per_class_accuracy: list
+    confusion: list
+    epochs_run: int
+    best_epoch: int
+    n_fit: int
+    n_holdout: int
+    history: list  # [{"epoch", "train_loss", "holdout_loss", "holdout_accuracy"}]
+
+
+@torch.no_grad()
+def _evaluate(router, x, y, n):
+    router.eval()
+    logits = router(x)
+    pred = logits.argmax(1)
+    confusion = torch.zeros(n, n, dtype=torch.long).index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    return F.cross_entropy(logits, y).item(), (pred == y).float().mean().item(), confusion
+
+
+def train_router(features, labels, config: RouterConfig, progress=True):
+    """Train a Router on (features [N, D], task-id labels [N]) from validation data -> (router, TrainReport)."""
+    labels = torch.as_tensor(labels).long()
+    if features.shape != (len(labels), config.in_dim) or labels.min() < 0 or labels.max() >= config.n_experts:
+        raise TwinMergeError(f"router training needs features [N, {config.in_dim}] and labels in "
+                             f"[0, {config.n_experts}); got {tuple(features.shape)}")
+    torch.manual_seed(config.seed)
+    features = features.float()
+    fit, hold = stratified_split(labels, config.holdout_fraction, config.seed)
+    router = Router(config)
+    router.mean.copy_(features[fit].mean(0))
+    router.std.copy_(features[fit].std(0).nan_to_num(1.0).clamp(min=1e-6))
+    opt = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    g = torch.Generator().manual_seed(config.seed)
+    best, best_key, best_epoch, history, stale = None, None, 0, [], 0
+    for epoch in tqdm(range(1, config.epochs + 1), desc="router", disable=not progress):
+        router.train()
+        perm, total = fit[torch.randperm(len(fit), generator=g)], 0.0
+        for start in range(0, len(perm), config.batch_size):
+            batch = perm[start:start + config.batch_size]
+            if len(batch) < 2:  # BatchNorm needs >= 2 samples
+                continue
+            loss = F.cross_entropy(router(features[batch]), labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(batch)
+        entry = {"epoch": epoch, "train_loss": total / len(fit)}
+        if len(hold):
+            loss, acc, _ = _evaluate(router, features[hold], labels[hold], config.n_experts)
+            entry.update(holdout_loss=loss, holdout_accuracy=acc)
+            if best_key is None or (acc, -loss) > best_key:
+                best, best_key, best_epoch, stale = {k: v.clone() for k, v in router.state_dict().items()}, (acc, -loss), epoch, 0
+            else:
+                stale += 1
+        history.append(entry)
+        if len(hold) and stale >= config.patience:
+            break
+    if best is not None:
+        router.load_state_dict(best)
+    router.eval()
+    acc, per_class, confusion = None, [], []
+    if len(hold):
+        _, acc, conf = _evaluate(router, features[hold], labels[hold], config.n_experts)
+        per_class = [(conf[c, c] / conf[c].sum()).item() if conf[c].sum() else None for c in range(config.n_experts)]
+        confusion = conf.tolist()
+    report = TrainReport(acc, per_class, confusion, len(history), best_epoch or len(history), len(fit), len(hold),
+                         history)
+    return router, report
+
+
+@torch.no_grad()
+def route(router, features, temperature=1.0, top_k=None):
+    """Routing weights [N, n] = softmax(router(features) / temperature); top_k: keep k largest, renormalised."""
+    router.eval()
+    weights = torch.softmax(router(features.float()) / temperature, dim=1)
+    return weights if top_k is None or top_k >= weights.shape[1] else top_k_weights(weights, top_k)[0]
+
+
+def save_router(router, config: RouterConfig, folder):
+    """Write `folder`/model.safetensors (weights + standardisation buffers) and router.json, atomically."""
+    folder = Path(folder)
+    save_safetensors_atomic(router.state_dict(), folder / "model.safetensors", {"format": ROUTER_FORMAT})
+    write_json_atomic({"format": ROUTER_FORMAT, "config": asdict(config)}, folder / "router.json")
+    return folder
+
+
+def load_router(folder):
+    """(Router in eval mode, RouterConfig) from a folder written by save_router."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "router.json").read_text())
+        config = RouterConfig.from_dict(meta["config"])
+        state = load_file(folder / "model.safetensors")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise CheckpointError(f"{folder}: not a router folder ({exc})") from None
+    if meta.get("format") != ROUTER_FORMAT:
+        raise CheckpointError(f"{folder}/router.json: format {meta.get('format')!r}, expected {ROUTER_FORMAT}")
+    router = Router(config)
+    router.load_state_dict(state, strict=True)
+    return router.eval(), config
