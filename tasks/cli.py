@@ -14,6 +14,14 @@ COMMANDS = {
     "fetch": ("tasks.fetch", "download the embedded default's sources into data/raw with a manifest"),
     "prepare": ("tasks.prepare", "build the six task tables with seeded stratified splits"),
     "train-expert": ("tasks.train_expert", "fine-tune one expert of the embedded zoo"),
+    "download": ("tasks.download", "resolve the base or one expert into artifacts/ (validated, sha256 manifest)"),
+    "modularize": ("tasks.modularize", "merge the experts into the shared expert"),
+    "compress": ("tasks.compress", "one expert's exclusive knowledge as SVD factors"),
+    "router": ("tasks.route", "fit the router on the validation splits"),
+    "evaluate": ("tasks.evaluate", "score every method on every task's test split"),
+    "report": ("tasks.report", "comparison table and plots"),
+    "bundle": ("tasks.bundle", "pack shared model, factors, router and heads into artifacts/twin"),
+    "predict": ("tasks.predict", "route and classify raw texts with a bundle"),
 }
 
 
@@ -28,20 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="twinmerge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="twinmerge", description="Twin-Merging pipeline steps and tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    module = None
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        modules[name] = module
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
+        if name == chosen:  # import only the chosen step (torch/transformers imports take seconds)
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(modules[args.command].main(args) or 0)
+        return int(module.main(args) or 0)
     except _user_errors() as e:
         if args.verbose:
             raise

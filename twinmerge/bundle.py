@@ -1,0 +1,108 @@
+"""A Twin-Merging bundle: everything inference needs, in one folder, loaded with one call.
+
+Layout (`twinmerge-bundle/1`):
+    twin.json                      experts (order = routing column), their tasks and label names, routing options
+    shared/                        the shared expert (HF backbone folder + tokenizer, see `twinmerge.shared`)
+    exclusive/<expert>.safetensors each expert's SVD factors and its own head (see docs/DESIGN.md)
+    router/                        router weights + router.json
+
+    >>> bundle = TwinBundle.load("artifacts/twin")
+    >>> bundle.predict(["a gripping, beautifully shot film"])[0]["task"]
+"""
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from twinmerge.dynamic import DynamicTwinModel
+from twinmerge.errors import CheckpointError
+from twinmerge.exclusive import load_factors
+from twinmerge.modelpool import assemble_classifier, map_batches
+from twinmerge.router import extract_features, load_router, route
+from twinmerge.shared import load_shared
+
+BUNDLE_FORMAT = "twinmerge-bundle/1"
+
+
+def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict[str, Path], router_dir: str | Path,
+                 tasks: dict[str, str], max_length: int) -> Path:
+    """Copy the pipeline's outputs into one bundle folder, atomically (temp folder, then rename)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        shutil.copytree(shared_dir, tmp / "shared")
+        shutil.copytree(router_dir, tmp / "router")
+        (tmp / "exclusive").mkdir()
+        labels = {}
+        for name, path in factor_files.items():
+            shutil.copy2(path, tmp / "exclusive" / f"{name}.safetensors")
+            config = load_factors(path).config
+            labels[name] = [config.get("id2label", {}).get(str(i), str(i)) for i in range(config["num_labels"])]
+        meta = {"format": BUNDLE_FORMAT, "experts": list(factor_files), "tasks": tasks, "labels": labels,
+                "max_length": max_length}
+        (tmp / "twin.json").write_text(json.dumps(meta, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@dataclass
+class TwinBundle:
+    experts: list[str]
+    tasks: dict[str, str]
+    labels: dict[str, list[str]]
+    tokenizer: object
+    feature_model: torch.nn.Module
+    router: torch.nn.Module
+    router_config: object
+    dynamic: DynamicTwinModel
+    max_length: int
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "TwinBundle":
+        folder = Path(folder)
+        meta_path = folder / "twin.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"{meta_path}: not found (is {folder} a Twin-Merging bundle?)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {BUNDLE_FORMAT}")
+        factors = [load_factors(folder / "exclusive" / f"{n}.safetensors") for n in meta["experts"]]
+        shared = load_shared(folder / "shared")
+        head = factors[0].head
+        feature_model = assemble_classifier(factors[0].config, {**shared, **head})
+        dynamic = DynamicTwinModel(assemble_classifier(factors[0].config, {**shared, **head}), factors)
+        router, router_config = load_router(folder / "router")
+        tokenizer = AutoTokenizer.from_pretrained(folder / "shared")
+        return cls(meta["experts"], meta["tasks"], meta["labels"], tokenizer, feature_model, router, router_config,
+                   dynamic, meta["max_length"])
+
+    @torch.inference_mode()
+    def predict(self, texts: list[str], batch_size: int = 32, top_k: int | None = None) -> list[dict]:
+        """Per text: routed expert and task (argmax), routing weights, predicted label and its probability."""
+        cfg = self.router_config
+        features = extract_features(self.feature_model, self.tokenizer, texts, layers=tuple(cfg.layers),
+                                    pooling=cfg.pooling, batch_size=batch_size, max_length=self.max_length,
+                                    progress=False)
+        weights = route(self.router, features, cfg.temperature, top_k if top_k is not None else cfg.top_k)
+        logits = map_batches(lambda idx, enc: self.dynamic(**enc, weights=weights[torch.tensor(idx)]).logits,
+                             self.tokenizer, texts, batch_size, self.max_length)
+        out = []
+        for text, w, row in zip(texts, weights, logits):
+            t = int(w.argmax())
+            name = self.experts[t]
+            probs = torch.softmax(row[:len(self.labels[name])], 0)
+            label = int(probs.argmax())
+            out.append({"text": text, "expert": name, "task": self.tasks[name],
+                        "weights": {n: round(float(x), 4) for n, x in zip(self.experts, w)},
+                        "label": self.labels[name][label], "probability": round(float(probs[label]), 4)})
+        return out
