@@ -1,0 +1,190 @@
+"""`twinmerge train-expert --task <task>`: fine-tune one expert of the embedded zoo.
+
+A full fine-tune of the base (all weights) with a fresh classification head
+(`AutoModelForSequenceClassification`, `num_labels`, `id2label`/`label2id` from the task's labels.json), on the
+task's train split; AdamW (no decay on biases and LayerNorm weights) and a linear schedule with warm-up, a plain
+torch loop (no Trainer), seeded, `torch.set_num_threads(zoo.threads)`, dynamic padding up to `zoo.max_length`.
+
+Writes `<experts_dir>/<task>/` atomically (temp folder, then rename) in Hugging Face layout
+(model.safetensors, config.json, tokenizer files) plus `scores.json`: validation and test accuracy and
+macro-F1, the majority-class baseline on test (class chosen on train), train time and the params used.
+"""
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tasks.fetch import locate_base_model
+from tasks.params import load_params
+from tasks.prepare import load_label_names, load_split
+
+log = logging.getLogger(__name__)
+
+
+def accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
+
+
+def macro_f1(y_true, y_pred, num_labels: int | None = None) -> float:
+    """Unweighted mean of per-class F1 over the classes present in y_true or y_pred (sklearn's default)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    classes = np.union1d(y_true, y_pred)
+    f1s = []
+    for c in classes:
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else float("nan")
+
+
+def _seed_all(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def predict(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    import torch
+
+    model.eval()
+    preds = []
+    # length-sorted batches: less padding, same results
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            idx = order[i:i + batch_size]
+            enc = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            preds.append(model(**enc).logits.argmax(-1).numpy())
+    out = np.empty(len(texts), dtype=np.int64)
+    if preds:
+        out[order] = np.concatenate(preds)
+    return out
+
+
+def train_expert(task: str, params, out_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Fine-tune the expert of `task`; write it to `<experts_dir>/<task>` (or out_dir); return scores."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    zoo, data = params.zoo, params.data
+    out_dir = Path(out_dir) if out_dir else Path(zoo.experts_dir) / task
+    torch.set_num_threads(zoo.threads)
+    _seed_all(params.seed)
+
+    names = load_label_names(data.tasks_dir, task)
+    splits = {s: load_split(data.tasks_dir, task, s) for s in ("train", "validation", "test")}
+    base = locate_base_model(params.base, data.raw_dir)
+    local = Path(base).is_dir()
+    extra = {} if local else {"revision": params.base.revision, "subfolder": params.base.subfolder or ""}
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=local, **extra)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        local_files_only=local, **extra)
+    model.config.problem_type = "single_label_classification"
+
+    texts = splits["train"]["text"].tolist()
+    labels = torch.tensor(splits["train"]["label"].to_numpy(), dtype=torch.long)
+    n = len(texts)
+    steps_per_epoch = math.ceil(n / zoo.batch_size)
+    total_steps = max(1, math.ceil(zoo.epochs * steps_per_epoch))
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {"params": [p for k, p in model.named_parameters() if not any(x in k for x in no_decay)],
+         "weight_decay": zoo.weight_decay},
+        {"params": [p for k, p in model.named_parameters() if any(x in k for x in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=zoo.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(round(zoo.warmup_ratio * total_steps)), total_steps)
+    gen = torch.Generator().manual_seed(params.seed)
+
+    log.info("%s: fine-tuning %s on %d examples, %d labels, %d steps", task, base, n, len(names), total_steps)
+    t0 = time.perf_counter()
+    model.train()
+    step, losses = 0, []
+    bar = tqdm(total=total_steps, desc=f"train {task}", disable=not progress, leave=False)
+    while step < total_steps:
+        perm = torch.randperm(n, generator=gen).tolist()
+        for i in range(0, n, zoo.batch_size):
+            if step >= total_steps:
+                break
+            idx = perm[i:i + zoo.batch_size]
+            enc = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=zoo.max_length,
+                            return_tensors="pt")
+            loss = model(**enc, labels=labels[idx]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    bar.close()
+    train_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    scores = {"task": task, "num_labels": len(names), "labels": names}
+    for split in ("validation", "test"):
+        y = splits[split]["label"].to_numpy()
+        p = predict(model, tokenizer, splits[split]["text"].tolist(), zoo.max_length)
+        scores[split] = {"accuracy": accuracy(y, p), "macro_f1": macro_f1(y, p), "n": int(len(y))}
+    majority = int(splits["train"]["label"].value_counts().idxmax())
+    y_test = splits["test"]["label"].to_numpy()
+    scores["majority_baseline"] = {"label": names[majority], "test_accuracy": accuracy(y_test, np.full_like(y_test, majority)),
+                                   "test_macro_f1": macro_f1(y_test, np.full_like(y_test, majority))}
+    scores["train"] = {"n": n, "steps": total_steps, "final_loss": float(np.mean(losses[-20:])),
+                       "train_seconds": round(train_s, 2), "eval_seconds": round(time.perf_counter() - t1, 2)}
+    scores["params"] = {"seed": params.seed, "base": str(base), **zoo.model_dump(exclude={"experts_dir"})}
+    scores["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s: test accuracy %.3f, macro-F1 %.3f (majority %.3f), %.0f s", task, scores["test"]["accuracy"],
+             scores["test"]["macro_f1"], scores["majority_baseline"]["test_accuracy"], train_s)
+    return scores
+
+
+def add_arguments(parser) -> None:
+    from tasks.params import TASK_NAMES
+
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--task", required=True, choices=TASK_NAMES, help="which task's expert to train")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    params = load_params(args.params)
+    s = train_expert(args.task, params, progress=not args.no_progress)
+    print(f"{args.task}: test accuracy {s['test']['accuracy']:.3f}  macro-F1 {s['test']['macro_f1']:.3f}  "
+          f"majority {s['majority_baseline']['test_accuracy']:.3f}  train {s['train']['train_seconds']:.0f} s")
+    return 0
