@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tasks.params import BaseModelSource, HubSource, Params, load_params
 from twinmerge.errors import CheckpointError, SourceError
-from twinmerge.io import open_experts
+from twinmerge.io import ExpertSet
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def _with_retries(fn, what: str, attempts: int = 4, first_delay: float = 2.0):
             time.sleep(delay)
 
 
-def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_download=None) -> dict:
+def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_download=None,
+              retry_delay: float = 2.0) -> dict:
     """Download one Hub checkpoint into `out_dir` (the subfolder's files at its top level).
 
     The revision is resolved to a commit first and the download pinned to it; `out_dir/source.json` records
@@ -65,13 +66,15 @@ def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_downloa
     api = api or huggingface_hub.HfApi()
     snapshot_download = snapshot_download or huggingface_hub.snapshot_download
     what = f"hub {source.repo_id}@{source.revision}" + (f"/{source.subfolder}" if source.subfolder else "")
-    commit = _with_retries(lambda: api.model_info(source.repo_id, revision=source.revision).sha, what)
+    commit = _with_retries(lambda: api.model_info(source.repo_id, revision=source.revision).sha, what,
+                           first_delay=retry_delay)
     prefix = f"{source.subfolder.strip('/')}/" if source.subfolder else ""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         _with_retries(lambda: snapshot_download(repo_id=source.repo_id, revision=commit, local_dir=tmp,
-                                                allow_patterns=[prefix + p for p in CHECKPOINT_PATTERNS]), what)
+                                                allow_patterns=[prefix + p for p in CHECKPOINT_PATTERNS]),
+                       what, first_delay=retry_delay)
         src = Path(tmp) / prefix if prefix else Path(tmp)
         staged = Path(tmp) / ".staged"
         staged.mkdir()
@@ -137,7 +140,7 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
     if name not in params.experts:
         raise CheckpointError(f"params.yaml: experts: no expert named '{name}' (have {sorted(params.experts)})")
     folder = Path(params.experts[name].path)
-    experts = open_experts(base_dir, {name: folder})
+    experts = ExpertSet(base_dir, {name: folder})
     experts.check_finite()
     source = {"path": str(folder)}
     if (folder / "source.json").is_file():

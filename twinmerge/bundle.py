@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from twinmerge.dynamic import DynamicTwinModel
 from twinmerge.errors import CheckpointError
 from twinmerge.exclusive import load_factors
-from twinmerge.modelpool import assemble_classifier, map_batches
+from twinmerge.modelpool import assemble_classifier, config_from_dict, map_batches
 from twinmerge.router import extract_features, load_router, route
 from twinmerge.shared import load_shared
 
@@ -41,8 +41,8 @@ def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict
         labels = {}
         for name, path in factor_files.items():
             shutil.copy2(path, tmp / "exclusive" / f"{name}.safetensors")
-            config = load_factors(path).config
-            labels[name] = [config.get("id2label", {}).get(str(i), str(i)) for i in range(config["num_labels"])]
+            config = config_from_dict(load_factors(path).config)
+            labels[name] = [str(config.id2label[i]) for i in range(config.num_labels)]
         meta = {"format": BUNDLE_FORMAT, "experts": list(factor_files), "tasks": tasks, "labels": labels,
                 "max_length": max_length}
         (tmp / "twin.json").write_text(json.dumps(meta, indent=2))

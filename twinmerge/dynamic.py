@@ -196,7 +196,8 @@ class HeadDispatcher(nn.Module):
 
 @dataclass
 class DynamicOutput:
-    """logits [B, C_max] padded with -inf beyond each sample's num_labels [B]; head_ids [B] heads used."""
+    """logits [B, C_max] (C_max = largest label count of all experts), -inf beyond each sample's
+    num_labels [B]; head_ids [B] heads used."""
 
     logits: torch.Tensor
     num_labels: torch.Tensor
@@ -299,6 +300,8 @@ class DynamicTwinModel(nn.Module):
         try:
             kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+            width = int(self.num_labels.max())  # same width for every batch, whatever heads it used
+            logits = F.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
         finally:
             r.dense = r.idx = r.kept = r.head_ids = None
         return DynamicOutput(logits, self.num_labels[head_ids], head_ids)

@@ -1,0 +1,210 @@
+"""The pipeline's steps, in order, on tiny random BERT experts and synthetic task tables (no DVC, no Prefect).
+
+Each task's texts are drawn from its own slice of the vocabulary, so the router can learn them; the experts
+are random, so scores are only checked for consistency, not for quality.
+"""
+import fnmatch
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tasks import bundle as bundle_step
+from tasks import compress as compress_step
+from tasks import download, evaluate, modularize, report, route
+from tasks.params import ParamsError, load_params
+from tiny_models import make_base, make_experts
+from twinmerge.bundle import TwinBundle
+from twinmerge.errors import CheckpointError, SourceError
+
+WORDS = [f"w{i}" for i in range(95)]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+NUM_LABELS = {"alpha": 2, "beta": 3, "gamma": 4}
+
+
+def _write_tokenizer(folder):
+    from transformers import BertTokenizer
+
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+
+
+def _task_tables(root, task_index, num_labels, rng):
+    words = WORDS[30 * task_index:30 * task_index + 30]
+    folder = root / "data" / "tasks" / f"t{task_index}"
+    folder.mkdir(parents=True)
+    for split, n in (("train", 24), ("validation", 40), ("test", 24)):
+        rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))),
+                 "label": i % num_labels} for i in range(n)]
+        pd.DataFrame(rows).to_parquet(folder / f"{split}.parquet")
+    (folder / "labels.json").write_text(json.dumps({str(i): f"c{i}" for i in range(num_labels)}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    base = make_base(root / "models", "bert", bare_backbone=True)
+    _write_tokenizer(base)
+    experts = make_experts(root / "models", base, list(NUM_LABELS.values()), names=list(NUM_LABELS))
+    rng = random.Random(0)
+    params = {"seed": 0, "base": {"path": str(base)},
+              "experts": {name: {"path": str(folder), "task": name,
+                                 "data": str(_task_tables(root, i, NUM_LABELS[name], rng))}
+                          for i, (name, folder) in enumerate(experts.items())},
+              "merge": {"method": "task_arithmetic", "options": {"scaling": 0.4}},
+              "compress": {"rank": {"mode": "fraction", "value": 0.25}, "dtype": "float32"},
+              "router": {"epochs": 200, "patience": 60, "batch_size": 16, "max_length": 16, "dropout": 0.1},
+              "evaluate": {"batch_size": 8, "max_length": 16,
+                           "baselines": [{"method": "weight_average"},
+                                         {"method": "task_arithmetic", "grid": {"scaling": [0.3, 0.6]}}]}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ran(project):
+    """Run every step in the project folder (paths are relative, as in dvc.yaml)."""
+    cwd = pytest.MonkeyPatch()
+    cwd.chdir(project)
+    params = load_params("params.yaml")
+    download.download_base(params, "artifacts/base")
+    for name in params.experts:
+        download.download_expert(name, params, "artifacts/base", f"artifacts/checkpoints/{name}")
+    modularize.modularize(params)
+    for name in params.experts:
+        compress_step.compress(params, name, progress=False)
+    router_summary = route.fit_router(params, progress=False)
+    metrics = evaluate.evaluate(params)
+    report.build_report("artifacts/eval/metrics.json", "artifacts/report")
+    bundle_step.bundle(params)
+    yield params, metrics, router_summary
+    cwd.undo()
+
+
+def test_download_manifest_records_sha256(ran, project):
+    manifest = json.loads((project / "artifacts/checkpoints/alpha/manifest.json").read_text())
+    assert "model.safetensors" in manifest["files"]
+    assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
+    assert manifest["source"]["path"].endswith("alpha")
+
+
+def test_shared_expert_loads_with_transformers(ran, project):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(project / "artifacts/shared")
+    assert model.config.hidden_size == 32
+
+
+def test_metrics_cover_every_method_and_task(ran):
+    params, metrics, _ = ran
+    expected = {"experts", "base_heads", "shared", "weight_average", "task_arithmetic", "twin_router",
+                "twin_oracle", "twin_true_routing"}
+    assert set(metrics["methods"]) == expected
+    for name, row in metrics["methods"].items():
+        assert set(row["scores"]) == set(params.experts), name
+    assert all(abs(v - 100.0) < 1e-9 for v in metrics["methods"]["experts"]["normalized"].values())
+    assert metrics["choices"]["task_arithmetic"]["options"]["scaling"] in (0.3, 0.6)
+    assert 0 < metrics["storage"]["exclusive_ratio"] < 1
+
+
+def test_router_learns_vocabulary_slices(ran):
+    _, metrics, summary = ran
+    assert summary["holdout_accuracy"] >= 0.9
+    assert metrics["routing"]["accuracy"] >= 0.9
+
+
+def test_report_has_table_and_plots(ran, project):
+    text = (project / "artifacts/report/report.md").read_text()
+    assert "Twin-Merging, router-chosen heads" in text and "| method | alpha | beta | gamma | mean |" in text
+    for png in ("normalized_scores.png", "routing_confusion.png", "storage_vs_score.png"):
+        assert (project / "artifacts/report" / png).stat().st_size > 1000
+
+
+def test_bundle_predictions_match_evaluation(ran, project):
+    """The bundle (one call to load) routes like evaluate's twin_router and gives label names."""
+    params, metrics, _ = ran
+    bundle = TwinBundle.load(project / "artifacts/twin")
+    texts = pd.read_parquet(project / "data/tasks/t1/test.parquet")["text"].tolist()
+    preds = bundle.predict(texts)
+    assert {p["expert"] for p in preds} <= set(params.experts)
+    routed = sum(p["expert"] == "beta" for p in preds) / len(preds)
+    assert abs(routed - metrics["routing"]["per_task"]["beta"]) < 1e-9
+    assert all(p["label"] in {"c0", "c1", "c2"} for p in preds if p["expert"] == "beta")
+    assert all(abs(sum(p["weights"].values()) - 1) < 1e-3 for p in preds)
+
+
+def test_predict_cli_prints_task_and_label(ran, project, capsys, monkeypatch):
+    from tasks.cli import main
+
+    monkeypatch.chdir(project)
+    assert main(["predict", "w31 w32 w33", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["task"] in NUM_LABELS and out["label"].startswith("c")
+
+
+def test_download_rejects_incompatible_expert(ran, project, tmp_path):
+    params, _, _ = ran
+    other = make_base(tmp_path, "roberta", bare_backbone=False, name="other")
+    bad = params.model_copy(deep=True)
+    bad.experts["alpha"].path = str(other)
+    with pytest.raises(CheckpointError, match="model_type"):
+        download.download_expert("alpha", bad, project / "artifacts/base", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_errors_are_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"base": {"path": "x"}, "merge": {"method": "nope"}}))
+    with pytest.raises(ParamsError, match=r"params.yaml: merge: .*nope"):
+        load_params(path)
+    path.write_text(yaml.safe_dump({"base": {"path": "x"}, "compress": {"rank": {"mode": "fraction", "value": 2}}}))
+    with pytest.raises(ParamsError, match=r"compress.rank: .*\(0, 1\]"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_missing_validation_data_is_named(project, tmp_path):
+    from tasks.taskdata import load_split
+
+    with pytest.raises(SourceError, match="validation.parquet: no validation data"):
+        load_split(tmp_path, "validation")
+
+
+def test_hub_fetch_pins_commit_and_skips_pickles(tmp_path):
+    """fetch_hub with huggingface_hub replaced by a local fixture: resolved commit recorded, retries work."""
+    from tasks.params import HubSource
+
+    repo = tmp_path / "repo" / "sub"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text("{}")
+    (repo / "model.safetensors").write_bytes(b"x")
+    (repo / "pytorch_model.bin").write_bytes(b"pickle")
+    calls = {"info": 0}
+
+    class Api:
+        def model_info(self, repo_id, revision):
+            calls["info"] += 1
+            if calls["info"] == 1:
+                raise ConnectionError("flaky")
+            return type("Info", (), {"sha": "abc123"})()
+
+    def snapshot(repo_id, revision, local_dir, allow_patterns):
+        assert revision == "abc123"
+        for f in (tmp_path / "repo").rglob("*"):
+            rel = f.relative_to(tmp_path / "repo")
+            if f.is_file() and any(fnmatch.fnmatch(str(rel), p) for p in allow_patterns):
+                (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, Path(local_dir) / rel)
+
+    record = download.fetch_hub(HubSource(repo_id="org/repo", subfolder="sub"), tmp_path / "out", api=Api(),
+                                snapshot_download=snapshot, retry_delay=0.0)
+    assert record["commit"] == "abc123"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors",
+                                                                    "source.json"]
