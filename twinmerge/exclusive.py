@@ -1,0 +1,328 @@
+"""Exclusive knowledge v_t = theta_t - theta_s, compressed to truncated-SVD factors (docs/DESIGN.md format).
+
+For a 2-D v_t [m, n] with thin SVD U S V^T, the rank-r truncation U_r S_r V_r^T is the best rank-r
+approximation in Frobenius norm (Eckart-Young): ||v_t - U_r S_r V_r^T||_F^2 = sum_{i > r} s_i^2.
+Factors cost r * ((m + n) * itemsize + 4) bytes (U, V in the factor dtype, S in float32); a 2-D tensor is
+stored dense (in the factor dtype) when r * (m + n + 1) >= m * n, i.e. when factors would not be smaller.
+Non-2-D tensors (LayerNorm, biases) are stored dense in float32; heads are stored as values, float32.
+"""
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .errors import FactorError
+from .io import ExpertSet, save_safetensors_atomic
+
+FORMAT = "twinmerge-exclusive/1"
+FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+RANK_MODES = ("rank", "fraction", "energy", "budget_bytes", "budget_fraction")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """How many singular triplets to keep.
+
+    - "rank": r = min(value, min(m, n)) (value an integer >= 1);
+    - "fraction": r = max(1, floor(value * min(m, n))), value in (0, 1] (the paper: 0.1 -> 76 of 768);
+    - "energy": smallest r with sum_{i<=r} s_i^2 >= value * sum_i s_i^2, value in (0, 1];
+    - "budget_bytes": ranks of all 2-D tensors of one expert chosen jointly so that their stored bytes
+      (factors, or dense where smaller) total at most `value` bytes (see `allocate_budget`);
+    - "budget_fraction": as "budget_bytes" with budget = value * dense bytes of the expert's nonzero 2-D
+      exclusive tensors in the factor dtype, value in (0, 1].
+    """
+    mode: str
+    value: float
+
+    def __post_init__(self) -> None:
+        v = self.value
+        if self.mode not in RANK_MODES:
+            raise FactorError(f"rank spec: unknown mode {self.mode!r}; known: {', '.join(RANK_MODES)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise FactorError(f"rank spec {self.mode}: value {v!r} is not a finite number")
+        if self.mode in ("rank", "budget_bytes") and (not float(v).is_integer() or v < 1):
+            raise FactorError(f"rank spec {self.mode}: value {v!r} must be an integer >= 1")
+        if self.mode in ("fraction", "energy", "budget_fraction") and not 0 < v <= 1:
+            raise FactorError(f"rank spec {self.mode}: value {v!r} must be in (0, 1]")
+
+    @property
+    def is_budget(self) -> bool:
+        return self.mode.startswith("budget_")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RankSpec":
+        return cls(d["mode"], d["value"])
+
+    def rank_for(self, s: torch.Tensor) -> int:
+        """Rank for one matrix with singular values `s` (descending, length min(m, n)); not for budgets."""
+        k = s.numel()
+        if self.mode == "rank":
+            return min(int(self.value), k)
+        if self.mode == "fraction":
+            return max(1, min(k, math.floor(self.value * k + 1e-9)))
+        if self.mode == "energy":
+            e = s.to(torch.float64) ** 2
+            total = float(e.sum())
+            if total == 0.0:
+                return 0
+            reached = torch.nonzero(torch.cumsum(e, 0) >= self.value * total * (1 - 1e-12))
+            return int(reached[0]) + 1 if reached.numel() else k
+        raise FactorError(f"rank spec {self.mode}: ranks come from allocate_budget, not rank_for")
+
+
+def bytes_per_rank(m: int, n: int, itemsize: int) -> int:
+    """Bytes one singular triplet costs: a column of U [m] and of V [n] in the factor dtype, one float32 s."""
+    return (m + n) * itemsize + 4
+
+
+def allocate_budget(spectra: Mapping[str, tuple[torch.Tensor, int, int]], budget: int,
+                    itemsize: int) -> dict[str, int]:
+    """Ranks {name: r} for matrices {name: (s, m, n)} maximising the kept energy sum_i sum_{j<=r_i} s_ij^2
+    subject to sum_i r_i * bytes_per_rank(m_i, n_i) <= budget.
+
+    Greedy by gain per byte s_ij^2 / bytes_per_rank_i. Within a matrix the ratios are non-increasing, so the
+    greedy order always extends a prefix (a valid rank). This is the exact optimum of the fractional
+    relaxation; the integer solution loses at most the gain of one triplet per matrix that hit the budget
+    edge (equal to the optimum when all matrices have the same bytes per rank).
+    """
+    ranks = {name: 0 for name in spectra}
+    items = []
+    for name, (s, m, n) in spectra.items():
+        cost = bytes_per_rank(m, n, itemsize)
+        items += [(float(sj) ** 2 / cost, name, j, cost) for j, sj in enumerate(s.tolist()) if sj > 0]
+    items.sort(key=lambda it: -it[0])
+    used = 0
+    for _, name, j, cost in items:
+        if ranks[name] == j and used + cost <= budget:
+            ranks[name] += 1
+            used += cost
+    return ranks
+
+
+def _svd_with_fallback(fn: Callable[[torch.Tensor], Any], matrix: torch.Tensor) -> Any:
+    a = matrix.detach().to(torch.float32)
+    try:
+        out = fn(a)
+        parts = out if isinstance(out, tuple) else (out,)
+        if all(bool(torch.isfinite(p.sum())) for p in parts):  # a finite sum proves every entry finite
+            return out
+    except torch.linalg.LinAlgError:
+        pass
+    return fn(a.cpu().to(torch.float64))
+
+
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of `matrix [m, n]`: U [m, k], S [k] (descending), V [n, k], k = min(m, n), all float32,
+    with matrix = U diag(S) V^T.
+
+    `torch.linalg.svd(full_matrices=False)` in float32, retried in float64 on CPU when it fails to converge
+    or returns non-finite values. Never full_matrices=True (a 50265 x 50265 U for RoBERTa's embedding). The
+    randomized `torch.svd_lowrank` is not used: it is approximate, which would break the exact
+    energy/budget accounting, and thin SVD of the models here (min(m, n) <= 1024) takes seconds.
+    """
+    U, S, Vh = _svd_with_fallback(lambda a: tuple(torch.linalg.svd(a, full_matrices=False)), matrix)
+    return U.to(torch.float32), S.to(torch.float32), Vh.mT.to(torch.float32)
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values [min(m, n)] of `matrix` (float32, descending), with thin_svd's float64 fallback."""
+    return _svd_with_fallback(torch.linalg.svdvals, matrix).to(torch.float32)
+
+
+def factor_metadata(expert_name: str, config: Mapping, rank_spec: RankSpec, factor_dtype: str) -> dict[str, str]:
+    """safetensors metadata of a factor file (all values strings, as safetensors requires)."""
+    return {"format": FORMAT, "expert": expert_name, "factor_dtype": factor_dtype,
+            "rank_spec": json.dumps(rank_spec.to_dict()), "config": json.dumps(dict(config))}
+
+
+def compress_expert(experts: ExpertSet, shared: Mapping[str, torch.Tensor], expert_name: str,
+                    rank_spec: RankSpec, factor_dtype: str = "float16",
+                    progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Factor-file tensors and stats for expert `expert_name`, given theta_s as `shared` (canonical names).
+
+    v_t = theta_t - theta_s (float32) for every mergeable key; exactly-zero v_t are skipped (absent = 0).
+    Budget modes take two passes (singular values of every 2-D v_t, then factors); the others one.
+    stats = {expert, factor_dtype, rank_spec, tensors: {name: {shape, kind, rank, energy_kept, bytes,
+    dense_bytes, rel_error}}, totals}: kind is lowrank | dense | dropped (rank 0) | zero, `bytes` the bytes
+    stored, `dense_bytes` the float32 size of v_t, rel_error = ||v_t - stored||_F / ||v_t||_F (measured on the
+    stored, dtype-rounded factors). totals (over nonzero v_t): exclusive_bytes (stored, heads excluded),
+    lowrank_bytes (2-D tensors only: what budgets bound), head_bytes, dense_bytes_float32,
+    dense_bytes_factor_dtype, dense_2d_bytes_factor_dtype, ratio = exclusive_bytes / dense_bytes_float32,
+    rel_error_2d (over all 2-D tensors together).
+    """
+    if expert_name not in experts.experts:
+        raise FactorError(f"unknown expert {expert_name!r}; known: {', '.join(experts.names)}")
+    if factor_dtype not in FACTOR_DTYPES:
+        raise FactorError(f"factor dtype {factor_dtype!r} not one of {', '.join(FACTOR_DTYPES)}")
+    fdt = FACTOR_DTYPES[factor_dtype]
+    itemsize = torch.empty((), dtype=fdt).element_size()
+    keys = experts.mergeable_keys()
+
+    def delta(key: str) -> torch.Tensor:
+        if key not in shared:
+            raise FactorError(f"shared state dict has no tensor {key}")
+        return experts.expert_tensor(expert_name, key).to(torch.float32) - shared[key].to(torch.float32)
+
+    ranks: dict[str, int] | None = None
+    if rank_spec.is_budget:
+        spectra = {}
+        for key in tqdm(keys, desc=f"spectra ({expert_name})", unit="tensor", disable=not progress):
+            v = delta(key)
+            if v.ndim == 2 and bool(v.any()):
+                spectra[key] = (singular_values(v), *v.shape)
+        budget = int(rank_spec.value) if rank_spec.mode == "budget_bytes" else math.floor(
+            rank_spec.value * sum(m * n * itemsize for _, m, n in spectra.values()))
+        ranks = allocate_budget(spectra, budget, itemsize)
+
+    tensors: dict[str, torch.Tensor] = {}
+    per: dict[str, dict[str, Any]] = {}
+    err2 = norm2 = 0.0
+    for key in tqdm(keys, desc=f"compress ({expert_name})", unit="tensor", disable=not progress):
+        v = delta(key)
+        row = per[key] = {"shape": list(v.shape), "dense_bytes": v.numel() * 4}
+        if not bool(v.any()):
+            row.update(kind="zero", rank=0, energy_kept=1.0, bytes=0, rel_error=0.0)
+            continue
+        if v.ndim != 2:
+            tensors[f"dense.{key}"] = v
+            row.update(kind="dense", rank=None, energy_kept=1.0, bytes=v.numel() * 4, rel_error=0.0)
+            continue
+        m, n = v.shape
+        U, S, V = thin_svd(v)
+        r = ranks[key] if ranks is not None else rank_spec.rank_for(S)
+        energy = S.to(torch.float64) ** 2
+        if r * (m + n + 1) >= m * n:
+            stored = [v.to(fdt)]
+            tensors[f"dense.{key}"] = stored[0]
+            approx, kind, r, kept = stored[0].to(torch.float32), "dense", min(m, n), 1.0
+        elif r == 0:
+            stored, approx, kind, kept = [], torch.zeros_like(v), "dropped", 0.0
+        else:
+            stored = [U[:, :r].to(fdt).contiguous(), S[:r].contiguous(), V[:, :r].to(fdt).contiguous()]
+            for part, t in zip("USV", stored):
+                tensors[f"lowrank.{key}.{part}"] = t
+            approx = (stored[0].to(torch.float32) * stored[1]) @ stored[2].to(torch.float32).T
+            kind, kept = "lowrank", float(energy[:r].sum() / energy.sum())
+        e2, n2 = float(torch.linalg.norm(v - approx)) ** 2, float(torch.linalg.norm(v)) ** 2
+        err2, norm2 = err2 + e2, norm2 + n2
+        row.update(kind=kind, rank=r, energy_kept=kept, bytes=sum(t.numel() * t.element_size() for t in stored),
+                   rel_error=math.sqrt(e2 / n2))
+    for key in experts.head_keys():
+        tensors[f"head.{key}"] = experts.expert_tensor(expert_name, key).to(torch.float32)
+    live = [r for r in per.values() if r["kind"] != "zero"]
+    two_d = [r for r in live if len(r["shape"]) == 2]
+    stored_bytes = sum(r["bytes"] for r in live)
+    dense32 = sum(r["dense_bytes"] for r in live)
+    totals = {"tensors": len(live), "exclusive_bytes": stored_bytes,
+              "lowrank_bytes": sum(r["bytes"] for r in two_d),
+              "head_bytes": sum(t.numel() * 4 for k, t in tensors.items() if k.startswith("head.")),
+              "dense_bytes_float32": dense32, "dense_bytes_factor_dtype": dense32 // 4 * itemsize,
+              "dense_2d_bytes_factor_dtype": sum(r["dense_bytes"] for r in two_d) // 4 * itemsize,
+              "ratio": stored_bytes / dense32 if dense32 else 0.0,
+              "rel_error_2d": math.sqrt(err2 / norm2) if norm2 else 0.0}
+    return tensors, {"expert": expert_name, "factor_dtype": factor_dtype, "rank_spec": rank_spec.to_dict(),
+                     "tensors": per, "totals": totals}
+
+
+@dataclass
+class ExclusiveFactors:
+    """A parsed factor file: v_t = U diag(S) V^T for `lowrank` names, the stored tensor for `dense` names."""
+    expert: str
+    config: dict
+    lowrank: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    dense: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def names(self) -> list[str]:
+        """Canonical names with nonzero exclusive knowledge."""
+        return list(self.lowrank) + list(self.dense)
+
+    def delta(self, name: str) -> torch.Tensor | None:
+        """v_t for `name` as float32 ([m, n] from factors), or None when the file has none (v_t = 0)."""
+        if name in self.lowrank:
+            U, S, V = self.lowrank[name]
+            return (U.to(torch.float32) * S.to(torch.float32)) @ V.to(torch.float32).T
+        if name in self.dense:
+            return self.dense[name].to(torch.float32)
+        return None
+
+    def check_shapes(self, shapes: Mapping[str, Sequence[int]], source: str = "shared model") -> None:
+        """FactorError unless every exclusive name exists in `shapes` (e.g. the shared model) with its shape."""
+        for name in self.names():
+            shape = (self.lowrank[name][0].shape[0], self.lowrank[name][2].shape[0]) if name in self.lowrank \
+                else tuple(self.dense[name].shape)
+            if name not in shapes:
+                raise FactorError(f"expert {self.expert!r}: tensor {name} not in {source}")
+            if tuple(shapes[name]) != tuple(shape):
+                raise FactorError(f"expert {self.expert!r}: tensor {name} has shape {list(shape)}, "
+                                  f"{source} has {list(shapes[name])}")
+
+
+def parse_factors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+                  where: str) -> ExclusiveFactors:
+    """Check a factor file's tensors and metadata (FactorError naming `where` and the tensor)."""
+    metadata = dict(metadata or {})
+    if metadata.get("format") != FORMAT:
+        raise FactorError(f"{where}: format {metadata.get('format')!r}, expected {FORMAT!r}")
+    for field in ("expert", "config", "factor_dtype", "rank_spec"):
+        if field not in metadata:
+            raise FactorError(f"{where}: metadata lacks {field!r}")
+    try:
+        config = json.loads(metadata["config"])
+        json.loads(metadata["rank_spec"])
+    except ValueError as exc:
+        raise FactorError(f"{where}: metadata is not valid JSON ({exc})") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    dense, head = {}, {}
+    for key, t in tensors.items():
+        kind, _, rest = key.partition(".")
+        if kind == "lowrank" and rest[-2:] in (".U", ".S", ".V"):
+            parts.setdefault(rest[:-2], {})[rest[-1]] = t
+        elif kind == "dense" and rest:
+            dense[rest] = t
+        elif kind == "head" and rest:
+            head[rest] = t
+        else:
+            raise FactorError(f"{where}: unexpected tensor {key}")
+    lowrank = {}
+    for name, p in parts.items():
+        if set(p) != {"U", "S", "V"}:
+            raise FactorError(f"{where}: tensor {name} has {'/'.join(sorted(p))} but needs U, S and V")
+        U, S, V = p["U"], p["S"], p["V"]
+        if U.ndim != 2 or S.ndim != 1 or V.ndim != 2 or not U.shape[1] == S.shape[0] == V.shape[1]:
+            raise FactorError(f"{where}: tensor {name} has inconsistent factor shapes U {list(U.shape)}, "
+                              f"S {list(S.shape)}, V {list(V.shape)} (want [m, r], [r], [n, r])")
+        if name in dense:
+            raise FactorError(f"{where}: tensor {name} is stored both low-rank and dense")
+        lowrank[name] = (U, S, V)
+    return ExclusiveFactors(metadata["expert"], config, lowrank, dense, head, metadata)
+
+
+def save_factors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Validate (as `load_factors` would) and write a factor file atomically."""
+    parse_factors(tensors, metadata, str(path))
+    return save_safetensors_atomic(tensors, path, metadata)
+
+
+def load_factors(path: str | Path) -> ExclusiveFactors:
+    """Read and validate a factor file (FactorError if missing, unreadable or malformed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FactorError(f"{path}: factor file not found")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corrupt files
+        raise FactorError(f"{path}: cannot read safetensors file ({exc})") from None
+    return parse_factors(tensors, metadata, str(path))

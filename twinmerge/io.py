@@ -1,0 +1,350 @@
+"""Checkpoint folders in Hugging Face layout: lazy per-tensor reading, expert-set validation, atomic writes.
+
+A checkpoint folder holds `config.json` and either `model.safetensors` or a sharded
+`model.safetensors.index.json` (+ shards). Pickled `pytorch_model.bin` is only read with `allow_pickle=True`
+(and then with `torch.load(weights_only=True)`). Tensors are read one at a time through
+`safetensors.safe_open`, so peak memory is one tensor per open checkpoint, never a whole state dict.
+
+Canonical tensor names are the experts' names (see docs/DESIGN.md "Tensor names").
+"""
+import fnmatch
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+
+# Config fields that must agree between base and experts (num_labels / id2label may differ).
+ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "vocab_size", "max_position_embeddings", "type_vocab_size")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def weight_files(folder: str | Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of an HF checkpoint folder, in load order.
+
+    `model.safetensors` wins over a sharded index; a lone `pytorch_model.bin` is refused unless `allow_pickle`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    if (folder / SAFETENSORS).is_file():
+        return [folder / SAFETENSORS]
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: malformed safetensors index ({exc})") from None
+        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for shard in shards:
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: shard listed in {index.name} not found")
+        return shards
+    if (folder / PICKLE).is_file():
+        if not allow_pickle:
+            raise CheckpointError(f"{folder}: only pickled {PICKLE} found; "
+                                  "pass allow_pickle=True to load untrusted pickles")
+        return [folder / PICKLE]
+    raise CheckpointError(f"{folder}: no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE})")
+
+
+class Checkpoint:
+    """A lazily read HF checkpoint folder: metadata at open, one tensor per `get`."""
+
+    def __init__(self, folder: str | Path, name: str | None = None, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self.name = name or self.folder.name
+        files = weight_files(self.folder, allow_pickle)
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: config.json not found")
+        try:
+            self.config: dict = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from None
+        self._file: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        if files[0].name == PICKLE:
+            try:
+                self._pickled = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+                raise CheckpointError(f"{files[0]}: cannot load ({exc})") from None
+            for key, t in self._pickled.items():
+                self._meta[key] = (tuple(t.shape), t.dtype)
+            return
+        for path in files:
+            try:
+                with safe_open(path, "pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        dtype = _DTYPES.get(sl.get_dtype())
+                        if dtype is None:
+                            raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {sl.get_dtype()}")
+                        self._file[key] = path
+                        self._meta[key] = (tuple(sl.get_shape()), dtype)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corrupt headers
+                raise CheckpointError(f"{path}: cannot read safetensors header ({exc})") from None
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._meta
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[self._check(key)][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[self._check(key)][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (CPU) without loading the rest of the checkpoint."""
+        self._check(key)
+        if self._pickled is not None:
+            return self._pickled[key]
+        with safe_open(self._file[key], "pt") as f:
+            return f.get_tensor(key)
+
+    @cached_property
+    def base_model_prefix(self) -> str | None:
+        """`base_model_prefix` of the transformers sequence-classification class for this model_type."""
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+        cls_name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(self.config.get("model_type"))
+        cls = getattr(transformers, cls_name, None) if cls_name else None
+        return getattr(cls, "base_model_prefix", None) or None
+
+    def _check(self, key: str) -> str:
+        if key not in self._meta:
+            raise CheckpointError(f"{self.folder}: no tensor {key}")
+        return key
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, {str(self.folder)!r}, {len(self._meta)} tensors)"
+
+
+class ExpertSet:
+    """A base checkpoint and n experts fine-tuned from it, validated against each other.
+
+    Canonical names are the experts' tensor names. `base_key(k)` maps one to the base's name: identity, or
+    `k` minus the experts' `base_model_prefix + "."` when the base is a bare backbone. Key classes:
+      - mergeable: floating tensor in the base and in every expert, same shape and dtype everywhere;
+      - head: floating tensor in every expert but not in the base (shapes may differ between experts);
+      - ignored: base-only tensors, non-floating buffers.
+    Structural checks run at construction; NaN/Inf is checked on every read (`check_finite` reads all).
+    """
+
+    def __init__(self, base: str | Path, experts: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]],
+                 allow_pickle: bool = False):
+        pairs = list(experts.items()) if isinstance(experts, Mapping) else list(experts)
+        if not pairs:
+            raise CheckpointError("no experts given")
+        self.base = Checkpoint(base, "base", allow_pickle)
+        self.experts: dict[str, Checkpoint] = {}
+        for name, folder in pairs:
+            if name in self.experts:
+                raise CheckpointError(f"duplicate expert name {name!r} ({folder} and {self.experts[name].folder})")
+            self.experts[name] = Checkpoint(folder, name, allow_pickle)
+        self.names = list(self.experts)
+        first = self.experts[self.names[0]]
+        self._check_configs()
+        prefix = first.base_model_prefix
+        base_keys = set(self.base.keys())
+        self._strip = (prefix + ".") if prefix and not any(k.startswith(prefix + ".") for k in base_keys) else ""
+        self._check_key_sets()
+        self._mergeable: list[str] = []
+        self._heads: list[str] = []
+        for key in first.keys():
+            bkey = self.base_key(key)
+            if bkey is not None and self.base.dtype(bkey).is_floating_point:
+                self._check_tensor(key, bkey)
+                self._mergeable.append(key)
+            elif bkey is None and all(self.experts[n].dtype(key).is_floating_point for n in self.names):
+                self._heads.append(key)
+
+    def base_key(self, key: str) -> str | None:
+        """The base's name for canonical `key`, or None if the base has no such tensor (a head)."""
+        if self._strip:
+            if not key.startswith(self._strip):
+                return None
+            key = key[len(self._strip):]
+        return key if key in self.base else None
+
+    def mergeable_keys(self) -> list[str]:
+        return list(self._mergeable)
+
+    def head_keys(self) -> list[str]:
+        return list(self._heads)
+
+    def select(self, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> list[str]:
+        """Mergeable keys matching any `include` fnmatch pattern and no `exclude` pattern."""
+        include, exclude = list(include), list(exclude)
+        return [k for k in self._mergeable if any(fnmatch.fnmatchcase(k, p) for p in include)
+                and not any(fnmatch.fnmatchcase(k, p) for p in exclude)]
+
+    def base_tensor(self, key: str) -> torch.Tensor:
+        """theta_0 for canonical `key` (a mergeable key), in the base dtype."""
+        bkey = self.base_key(key)
+        if bkey is None:
+            raise CheckpointError(f"base ({self.base.folder}): no tensor for {key}")
+        return _finite(self.base.get(bkey), f"base ({self.base.folder})", bkey)
+
+    def expert_tensor(self, name: str, key: str) -> torch.Tensor:
+        """theta_t for expert `name` and canonical `key`."""
+        ckpt = self.experts[name]
+        return _finite(ckpt.get(key), f"expert {name!r} ({ckpt.folder})", key)
+
+    def check_finite(self) -> None:
+        """Read every mergeable and head tensor once; raise CheckpointError on the first NaN/Inf."""
+        for key in self._mergeable:
+            self.base_tensor(key)
+        for name in self.names:
+            for key in self._mergeable + self._heads:
+                self.expert_tensor(name, key)
+
+    def _check_configs(self) -> None:
+        for name, ckpt in self.experts.items():
+            for field in ARCH_FIELDS:
+                if ckpt.config.get(field) != self.base.config.get(field):
+                    raise CheckpointError(
+                        f"expert {name!r} ({ckpt.folder}): config {field}={ckpt.config.get(field)!r} differs from "
+                        f"base ({self.base.folder}) {field}={self.base.config.get(field)!r}")
+
+    def _check_key_sets(self) -> None:
+        """Every expert must hold the same tensor names.
+
+        A name held by some experts only is "missing" from the others when the base has it or more than half
+        the experts hold it, else it is "extra" in the experts that hold it.
+        """
+        n = len(self.names)
+        count: dict[str, int] = {}
+        for ckpt in self.experts.values():
+            for key in ckpt.keys():
+                count[key] = count.get(key, 0) + 1
+        for key, c in count.items():
+            if c == n:
+                continue
+            missing = self.base_key(key) is not None or 2 * c > n
+            for name, ckpt in self.experts.items():
+                if missing and key not in ckpt:
+                    raise CheckpointError(f"expert {name!r} ({ckpt.folder}): missing tensor {key} "
+                                          f"(held by {c} of {n} experts)")
+                if not missing and key in ckpt:
+                    raise CheckpointError(f"expert {name!r} ({ckpt.folder}): extra tensor {key} "
+                                          f"(held by {c} of {n} experts, not by the base)")
+
+    def _check_tensor(self, key: str, bkey: str) -> None:
+        shape, dtype = self.base.shape(bkey), self.base.dtype(bkey)
+        for name, ckpt in self.experts.items():
+            if ckpt.shape(key) != shape:
+                raise CheckpointError(f"expert {name!r} ({ckpt.folder}): tensor {key} has shape "
+                                      f"{list(ckpt.shape(key))}, base ({self.base.folder}) {bkey} has {list(shape)}")
+            if ckpt.dtype(key) != dtype:
+                raise CheckpointError(f"expert {name!r} ({ckpt.folder}): tensor {key} has dtype "
+                                      f"{ckpt.dtype(key)}, base ({self.base.folder}) {bkey} has {dtype}")
+
+
+def _finite(t: torch.Tensor, who: str, key: str) -> torch.Tensor:
+    """`t` unchanged, or CheckpointError if it holds NaN/Inf.
+
+    A finite float32 sum proves every entry finite (NaN/Inf propagate); only a non-finite sum (NaN/Inf, or
+    overflow of huge values) pays for the exact, ~10x slower elementwise check.
+    """
+    if (t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32)))
+            and not bool(torch.isfinite(t).all())):
+        raise CheckpointError(f"{who}: tensor {key} has NaN/Inf values")
+    return t
+
+
+def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Run `write(tmp)` on a temp file beside `path`, then `os.replace` it into place (no partial files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `tensors` (made contiguous, CPU, shared storage de-duplicated) to `path` atomically."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+        out[key] = t
+    return _atomic(path, lambda tmp: save_file(out, tmp, metadata=dict(metadata) if metadata else None))
+
+
+def write_json_atomic(obj, path: str | Path) -> Path:
+    """Write `obj` as indented JSON (trailing newline) to `path` atomically."""
+    return write_text_atomic(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+    return _atomic(path, write)
+
+
+def save_hf_model(state_dict: Mapping[str, torch.Tensor], config: Mapping, folder: str | Path,
+                  tokenizer_src: str | Path | None = None) -> Path:
+    """Write an ordinary HF model folder (config.json + model.safetensors [+ tokenizer files]) atomically.
+
+    Everything is written into a temp folder beside `folder`, which then replaces `folder` (an existing
+    folder is moved aside first and deleted after the swap).
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        write_json_atomic(dict(config), tmp / "config.json")
+        save_safetensors_atomic(state_dict, tmp / SAFETENSORS, {"format": "pt"})
+        if tokenizer_src is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_src) / name).is_file():
+                    shutil.copy2(Path(tokenizer_src) / name, tmp / name)
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+            os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
