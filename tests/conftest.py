@@ -1,7 +1,12 @@
 """Session fixtures: tiny BERT (bare-backbone base, like MiniLM) and RoBERTa (masked-LM base) expert sets."""
 import pytest
+import torch
 
 from tiny_models import make_set
+
+# Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waiting made a
+# 384x384 SVD take 7 s instead of 0.05 s (test_io/merge/exclusive: 51 s -> 4 s).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
