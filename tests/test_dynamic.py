@@ -185,3 +185,54 @@ def test_bad_weights_shape(pool):
     ids, mask = _batch()
     with pytest.raises(TwinMergeError, match="weights must have shape"):
         dyn(ids, mask, weights=torch.ones(ids.shape[0], 2))
+
+
+def _pipeline(base, experts, tmp_path, rank_spec, factor_dtype):
+    """The project's own path: ExpertSet -> Task Arithmetic theta_s -> factor files -> DynamicTwinModel."""
+    from twinmerge.exclusive import RankSpec, compress_expert, factor_metadata, load_factors, save_factors
+    from twinmerge.io import ExpertSet
+    from twinmerge.merge import build_shared_expert
+    from twinmerge.modelpool import assemble_classifier
+
+    es = ExpertSet(base, experts)
+    shared_state, _ = build_shared_expert(es, "task_arithmetic", {"scaling": 0.3}, progress=False)
+    factors = []
+    for name in es.names:
+        tensors, _ = compress_expert(es, shared_state, name, RankSpec(*rank_spec), factor_dtype, progress=False)
+        config = es.experts[name].config
+        path = save_factors(tmp_path / f"{name}.safetensors", tensors,
+                           factor_metadata(name, config, RankSpec(*rank_spec), factor_dtype))
+        factors.append(load_factors(path))
+    heads = {k: es.expert_tensor(es.names[0], k) for k in es.head_keys()}
+    shared = assemble_classifier(es.experts[es.names[0]].config, {**shared_state, **heads})
+    return DynamicTwinModel(shared, factors, dtype=torch.float64), es
+
+
+@pytest.mark.parametrize("expert_set", ["tiny_bert", "tiny_roberta", "bert_mlm_base"])
+def test_project_factor_files(expert_set, tmp_path, request):
+    """Factor files from compress_expert: full rank + one-hot reproduces each expert loaded from its folder;
+    low rank + mixed weights equals materialize(). BERT from a masked-LM base also has its pooler as a head."""
+    from tiny_models import make_set
+    from transformers import AutoModelForSequenceClassification
+
+    if expert_set == "bert_mlm_base":
+        base, experts = make_set(tmp_path, "bert", bare_backbone=False)
+    else:
+        base, experts = request.getfixturevalue(expert_set)
+    ids, mask = _batch(seed=7, lengths=(5, 9, 3))
+    ids = ids.clamp(max=99)
+    dyn, es = _pipeline(base, experts, tmp_path, ("fraction", 1.0), "float32")
+    out = dyn(ids, mask, weights=torch.eye(3, dtype=torch.float64))
+    for t, folder in enumerate(experts.values()):
+        ref = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        got = out.per_sample()[t]
+        torch.testing.assert_close(got.float(), ref(input_ids=ids[t:t + 1], attention_mask=mask[t:t + 1]).logits[0],
+                                   atol=TOL, rtol=0)
+    dyn, _ = _pipeline(base, experts, tmp_path, ("fraction", 0.25), "float16")
+    weights = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    for top_k in (None, 2):
+        out = dyn(ids, mask, weights=weights, top_k=top_k)
+        w = weights if top_k is None else top_k_weights(weights, top_k)[0]
+        for b in range(3):
+            ref = dyn.materialize(w[b])(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0]
+            torch.testing.assert_close(out.per_sample()[b], ref, atol=TOL, rtol=0)
