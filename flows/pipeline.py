@@ -9,7 +9,6 @@ No tensors pass through Prefect: tasks take stage names and return small dicts.
 """
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -127,19 +126,19 @@ def pipeline(project: str = ".", max_workers: int = 2) -> dict:
     return {"ran": ran, "cached": cached, "seconds": seconds}
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def add_arguments(parser) -> None:
+    parser.add_argument("--project", default=".", help="folder with dvc.yaml and params.yaml")
+    parser.add_argument("--max-workers", type=int, default=2, help="stages run at once where the graph allows")
+    parser.add_argument("--params", help="copy this params file over the project's params.yaml first")
 
-    parser = argparse.ArgumentParser(description="Run the Twin-Merging pipeline as a Prefect flow")
-    parser.add_argument("--project", default=".")
-    parser.add_argument("--max-workers", type=int, default=2)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    result = pipeline(project=args.project, max_workers=args.max_workers)
+
+def main(args) -> int:
+    project = Path(args.project)
+    if args.params:
+        src, dst = Path(args.params), project / "params.yaml"
+        if src.resolve() != dst.resolve() and src.read_text() != (dst.read_text() if dst.exists() else None):
+            logging.getLogger(__name__).warning("using %s as %s", src, dst)
+            dst.write_text(src.read_text())
+    result = pipeline(project=str(project), max_workers=args.max_workers)
     print(json.dumps(result))
     return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    sys.exit(main())

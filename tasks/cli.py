@@ -22,6 +22,7 @@ COMMANDS = {
     "report": ("tasks.report", "comparison table and plots"),
     "bundle": ("tasks.bundle", "pack shared model, factors, router and heads into artifacts/twin"),
     "predict": ("tasks.predict", "route and classify raw texts with a bundle"),
+    "run": ("flows.pipeline", "run every dvc.yaml stage as a Prefect flow (DVC decides what is stale)"),
 }
 
 
