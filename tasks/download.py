@@ -6,31 +6,21 @@
 - `download_expert(name, folder, base, out_dir)`: validate against the base (architecture, tensor names,
   shapes, dtypes, finite values) before anything is written, then copy into `out_dir` with a manifest.
 """
-import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from tasks.fetch import locate_base_model
+from tasks.fetch import locate_base_model, sha256_file
 from tasks.params import HubSource, Params, load_params
 from twinmerge.errors import CheckpointError, SourceError
-from twinmerge.io import ExpertSet
+from twinmerge.io import ExpertSet, atomic_dir
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERNS = ("*.safetensors", "*.json", "vocab.txt", "merges.txt", "*.model", "tokenizer*")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
@@ -69,16 +59,11 @@ def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_downloa
     commit = _with_retries(lambda: api.model_info(source.repo_id, revision=source.revision).sha, what,
                            first_delay=retry_delay)
     prefix = f"{source.subfolder.strip('/')}/" if source.subfolder else ""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        _with_retries(lambda: snapshot_download(repo_id=source.repo_id, revision=commit, local_dir=tmp,
+    with tempfile.TemporaryDirectory(prefix="twinmerge-hub-") as snapshot, atomic_dir(out_dir) as staged:
+        _with_retries(lambda: snapshot_download(repo_id=source.repo_id, revision=commit, local_dir=snapshot,
                                                 allow_patterns=[prefix + p for p in CHECKPOINT_PATTERNS]),
-                       what, first_delay=retry_delay)
-        src = Path(tmp) / prefix if prefix else Path(tmp)
-        staged = Path(tmp) / ".staged"
-        staged.mkdir()
-        files = _checkpoint_files(src)
+                      what, first_delay=retry_delay)
+        files = _checkpoint_files(Path(snapshot) / prefix)
         if not any(f.suffix == ".safetensors" for f in files):
             raise SourceError(f"{what}: no .safetensors weights in the snapshot (pickled weights are never fetched)")
         for f in files:
@@ -86,9 +71,6 @@ def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_downloa
         record = {"repo_id": source.repo_id, "subfolder": source.subfolder, "revision": source.revision,
                   "commit": commit}
         (staged / "source.json").write_text(json.dumps(record, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staged, out_dir)
     return record
 
 
@@ -104,19 +86,13 @@ def resolve_base(params: Params, hub_dir: str | Path = "data/hub/_base") -> Path
 
 def copy_checkpoint(src: Path, out_dir: Path, source: dict) -> dict:
     """Copy a checkpoint folder's files into out_dir atomically and write manifest.json (sha256 per file)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        staged = Path(tmp) / "staged"
-        staged.mkdir()
+    with atomic_dir(out_dir) as staged:
         files = {}
         for f in _checkpoint_files(src):
             shutil.copy2(f, staged / f.name)
             files[f.name] = {"sha256": sha256_file(staged / f.name), "bytes": f.stat().st_size}
         manifest = {"source": source, "files": files}
         (staged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staged, out_dir)
     return manifest
 
 

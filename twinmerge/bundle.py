@@ -11,7 +11,6 @@ Layout (`twinmerge-bundle/1`):
 """
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from transformers import AutoTokenizer
 from twinmerge.dynamic import DynamicTwinModel
 from twinmerge.errors import CheckpointError
 from twinmerge.exclusive import load_factors
+from twinmerge.io import atomic_dir
 from twinmerge.modelpool import assemble_classifier, config_from_dict, map_batches
 from twinmerge.router import extract_features, load_router, route
 from twinmerge.shared import load_shared
@@ -31,10 +31,7 @@ BUNDLE_FORMAT = "twinmerge-bundle/1"
 def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict[str, Path], router_dir: str | Path,
                  tasks: dict[str, str], max_length: int) -> Path:
     """Copy the pipeline's outputs into one bundle folder, atomically (temp folder, then rename)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         shutil.copytree(shared_dir, tmp / "shared")
         shutil.copytree(router_dir, tmp / "router")
         (tmp / "exclusive").mkdir()
@@ -46,13 +43,7 @@ def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict
         meta = {"format": BUNDLE_FORMAT, "experts": list(factor_files), "tasks": tasks, "labels": labels,
                 "max_length": max_length}
         (tmp / "twin.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 @dataclass

@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -294,6 +295,28 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+@contextmanager
+def atomic_dir(folder: str | Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `folder`; on success it replaces `folder` (an existing one is moved
+    aside first and deleted after the swap), on error it is deleted and `folder` is left as it was."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        yield tmp
+        old = None
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+            os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path,
                             metadata: Mapping[str, str] | None = None) -> Path:
     """Write `tensors` (made contiguous, CPU, shared storage de-duplicated) to `path` atomically."""
@@ -321,30 +344,16 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
 
 
 def save_hf_model(state_dict: Mapping[str, torch.Tensor], config: Mapping, folder: str | Path,
-                  tokenizer_src: str | Path | None = None) -> Path:
-    """Write an ordinary HF model folder (config.json + model.safetensors [+ tokenizer files]) atomically.
-
-    Everything is written into a temp folder beside `folder`, which then replaces `folder` (an existing
-    folder is moved aside first and deleted after the swap).
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+                  tokenizer_src: str | Path | None = None, extra_files: Mapping[str, str] | None = None) -> Path:
+    """Write an ordinary HF model folder (config.json + model.safetensors [+ tokenizer files] [+ extra text
+    files]) atomically (see `atomic_dir`)."""
+    with atomic_dir(folder) as tmp:
         write_json_atomic(dict(config), tmp / "config.json")
         save_safetensors_atomic(state_dict, tmp / SAFETENSORS, {"format": "pt"})
         if tokenizer_src is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_src) / name).is_file():
                     shutil.copy2(Path(tokenizer_src) / name, tmp / name)
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
-            os.replace(folder, old / folder.name)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(folder)

@@ -25,9 +25,9 @@ def save_shared(state: dict[str, torch.Tensor], pool: ExpertSet, out_dir: str | 
     config = {k: v for k, v in first.config.items() if k not in ("id2label", "label2id", "num_labels",
                                                                  "problem_type", "architectures")}
     tokenizer_src = first.folder if (first.folder / "tokenizer_config.json").is_file() else pool.base.folder
-    folder = save_hf_model({k[len(prefix):]: v for k, v in state.items()}, config, out_dir, tokenizer_src)
-    (folder / SHARED_META).write_text(json.dumps({"canonical_prefix": prefix, "merge": report}, indent=2))
-    return folder
+    meta = json.dumps({"canonical_prefix": prefix, "merge": report}, indent=2)
+    return save_hf_model({k[len(prefix):]: v for k, v in state.items()}, config, out_dir, tokenizer_src,
+                         extra_files={SHARED_META: meta})
 
 
 def load_shared(folder: str | Path) -> dict[str, torch.Tensor]:
