@@ -180,6 +180,13 @@ class EvaluateParams(_Strict):
     regression_threshold: float = Field(2.0, ge=0)
 
 
+class WatchParams(_Strict):
+    """Scheduling of `flows/watch.py` (`twinmerge serve`): how often to check the experts for changes."""
+
+    cron: str = "0 * * * *"
+    timezone: str = "UTC"
+
+
 class Params(_Strict):
     seed: int = 0
     base: BaseModelSource
@@ -191,6 +198,7 @@ class Params(_Strict):
     compress: CompressParams = Field(default_factory=CompressParams)
     router: RouterParams = Field(default_factory=RouterParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    watch: WatchParams = Field(default_factory=WatchParams)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

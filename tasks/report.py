@@ -145,7 +145,16 @@ def build_report(metrics_path: str | Path, out_dir: str | Path, history_section:
 def add_arguments(parser) -> None:
     parser.add_argument("--metrics", default="artifacts/eval/metrics.json")
     parser.add_argument("--out", default="artifacts/report")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--history", default="history/evaluations.jsonl",
+                        help="evaluation history (tasks/history.py): this evaluation is appended, then compared")
+    parser.add_argument("--no-history", action="store_true", help="neither append to nor show the history")
 
 
 def main(args) -> None:
-    print(build_report(args.metrics, args.out))
+    section = ""
+    if not args.no_history and Path(args.history).parent.is_dir():
+        from tasks.history import record_and_render_section
+
+        section = record_and_render_section(args.metrics, args.params, args.history)
+    print(build_report(args.metrics, args.out, history_section=section))

@@ -1,0 +1,156 @@
+"""Expert registry: `twinmerge expert add|list` on tiny random BERT experts (no Prefect server, no DVC)."""
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from tasks import registry
+from tasks.cli import main as cli
+from tasks.params import load_params
+from tiny_models import make_base, make_experts
+
+PARAMS = """# the registry (comment kept)
+seed: 0
+base:
+  path: {base}    # tiny base
+hub_sources: {{}}
+experts:
+  task0: {{path: {e0}, task: task0, data: tables/task0}}
+evaluate:
+  regression_threshold: 2.0
+  batch_size: 8   # trailing comment
+"""
+
+
+def _tables(folder, num_labels=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        pd.DataFrame({"text": ["w1 w2", "w3"], "label": [0, num_labels - 1]}).to_parquet(folder / f"{split}.parquet")
+    (folder / "labels.json").write_text(json.dumps({str(i): f"c{i}" for i in range(num_labels)}))
+    return folder
+
+
+@pytest.fixture
+def project(tmp_path, tiny_bert, monkeypatch):
+    base, experts = tiny_bert
+    for name in ("task0", "task1"):
+        _tables(tmp_path / "tables" / name)
+    (tmp_path / "params.yaml").write_text(PARAMS.format(base=base, e0=experts["task0"]))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, base, experts
+
+
+def test_add_local_expert_keeps_comments_and_lists_new(project, capsys):
+    root, base, experts = project
+    assert cli(["expert", "add", "task1", "--path", str(experts["task1"]), "--task", "task1",
+                "--data", "tables/task1", "--no-event"]) == 0
+    text = (root / "params.yaml").read_text()
+    assert "# the registry (comment kept)" in text and "# trailing comment" in text and "# tiny base" in text
+    assert f"task1: {{path: {experts['task1']}, task: task1, data: tables/task1, metric: accuracy}}" in text
+    assert list(load_params("params.yaml").experts) == ["task0", "task1"]
+    capsys.readouterr()
+    assert cli(["expert", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "task1" in out and out.count(" new") == 2 and "local:" in out
+
+
+def test_incompatible_expert_is_refused_and_params_untouched(project, tmp_path_factory, capsys):
+    root, _, _ = project
+    other = tmp_path_factory.mktemp("other")
+    wrong = make_experts(other, make_base(other, "roberta"), (2,), names=["wrong"])["wrong"]
+    before = (root / "params.yaml").read_bytes()
+    assert cli(["expert", "add", "wrong", "--path", str(wrong), "--task", "t", "--data", "tables/task1",
+                "--no-event"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("twinmerge expert: error: expert wrong (") and "incompatible with the base" in err
+    assert len(err.splitlines()) == 1
+    assert (root / "params.yaml").read_bytes() == before
+    # duplicate name and missing data are refused the same way
+    assert cli(["expert", "add", "task0", "--path", str(wrong), "--task", "t", "--data", "tables/task1"]) == 2
+    assert cli(["expert", "add", "x", "--path", str(wrong), "--task", "t", "--data", "nowhere"]) == 2
+    assert (root / "params.yaml").read_bytes() == before
+
+
+def test_non_finite_expert_is_refused(project, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, experts = project
+    bad = tmp_path / "bad"
+    shutil.copytree(experts["task1"], bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("query.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="incompatible with the base"):
+        registry.add_expert("bad", "t", "tables/task1", path=str(bad))
+
+
+def test_fingerprint_follows_checkpoint_content_only(tmp_path, tiny_bert):
+    _, experts = tiny_bert
+    folder = tmp_path / "e"
+    shutil.copytree(experts["task0"], folder)
+    first = registry.folder_fingerprint(folder)
+    (folder / "notes.md").write_text("not a checkpoint file")
+    assert registry.folder_fingerprint(folder) == first
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {"0": "neg", "1": "pos"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert registry.folder_fingerprint(folder) != first
+    assert registry.folder_fingerprint(tmp_path / "missing") is None
+
+
+class FakeApi:
+    def __init__(self, sha):
+        self.sha = sha
+
+    def model_info(self, repo_id, revision="main"):
+        return type("Info", (), {"sha": self.sha})()
+
+
+def test_add_hub_expert_with_fake_hub(project):
+    root, _, experts = project
+
+    def snapshot(repo_id, revision, local_dir, allow_patterns):
+        dest = root / local_dir / "sub"
+        shutil.copytree(experts["task1"], dest, dirs_exist_ok=True)
+
+    entry = registry.add_expert("hubby", "task1", "tables/task1", repo_id="org/models", subfolder="sub",
+                                api=FakeApi("c0ffee"), snapshot_download=snapshot)
+    assert entry["path"] == "data/hub/hubby"
+    params = load_params("params.yaml")
+    assert params.hub_sources["hubby"].repo_id == "org/models" and params.hub_sources["hubby"].subfolder == "sub"
+    assert not list((root / "data/hub").iterdir())  # the validation download is not kept
+    prints = registry.fingerprints(params, api=FakeApi("c0ffee"))
+    assert prints["hubby"]["hash"] == "commit:c0ffee" and prints["hubby"]["source"].startswith("hub:org/models@main")
+
+
+def test_list_status_against_recorded_state(project):
+    root, _, experts = project
+    params = load_params("params.yaml")
+    prints = registry.fingerprints(params)
+    registry.save_state({**prints, "gone": {"source": "local:x", "hash": "h"}})
+    assert registry.compare(prints, registry.load_state()) == {"task0": "unchanged", "gone": "removed"}
+    registry.add_expert("task1", "task1", "tables/task1", path=str(experts["task1"]))
+    rows = {r["name"]: r["status"] for r in registry.expert_table(load_params("params.yaml"))}
+    assert rows == {"task0": "unchanged", "task1": "new", "gone": "removed"}
+    state = json.loads((root / registry.STATE_PATH).read_text())
+    assert "updated" in state
+
+
+def test_add_emits_expert_added(project, monkeypatch, capsys):
+    import prefect.events
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    _, _, experts = project
+    sent = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: sent.append(kw) or object())
+    monkeypatch.setattr(EventsWorker, "drain_all", classmethod(lambda cls, *a, **k: None))
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert cli(["expert", "add", "task1", "--path", str(experts["task1"]), "--task", "task1",
+                    "--data", "tables/task1"]) == 0
+    assert sent[0]["event"] == "expert.added"
+    assert sent[0]["resource"]["prefect.resource.id"] == "twinmerge.expert.task1"
+    assert "event expert.added emitted" in capsys.readouterr().out
