@@ -81,12 +81,29 @@ def grid_points(grid: dict[str, list[float]]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
 
 
+def grid_backbones(pool: ExpertSet, spec):
+    """Yield (options, backbone) for every grid point of a baseline spec.
+
+    All registered methods are linear in `scaling` (theta_0 + scaling * m(tau)), so a grid over `scaling`
+    alone merges once with scaling 1 and rescales: theta_0 + s * (theta_1 - theta_0), equal to merging with
+    scaling s up to float rounding.
+    """
+    points = grid_points(spec.grid)
+    if set(spec.grid) == {"scaling"}:
+        unit, _ = build_shared_expert(pool, spec.method, {**spec.options, "scaling": 1.0}, progress=False)
+        base = {k: pool.base_tensor(k) for k in unit}
+        for point in points:
+            yield {**spec.options, **point}, {k: base[k] + point["scaling"] * (unit[k] - base[k]) for k in unit}
+    else:
+        for point in points:
+            options = {**spec.options, **point}
+            yield options, build_shared_expert(pool, spec.method, options, progress=False)[0]
+
+
 def choose_baseline(ev: Evaluator, spec, val: Split, val_ref: dict[str, float]) -> tuple[dict, dict, float]:
     """(options, backbone, validation mean normalised) of the best grid point of one baseline spec."""
     best = None
-    for point in grid_points(spec.grid):
-        options = {**spec.options, **point}
-        backbone, _ = build_shared_expert(ev.pool, spec.method, options, progress=False)
+    for options, backbone in grid_backbones(ev.pool, spec):
         mean = summarize(ev.backbone_scores(backbone, val, f"{spec.method} val"), val_ref)["mean_normalized"]
         if best is None or mean > best[2]:
             best = (options, backbone, mean)

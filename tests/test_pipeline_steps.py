@@ -208,3 +208,20 @@ def test_hub_fetch_pins_commit_and_skips_pickles(tmp_path):
     assert record["commit"] == "abc123"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors",
                                                                     "source.json"]
+
+
+@pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
+                                            ("dare", {"drop_rate": 0.5, "seed": 3})])
+def test_scaling_grid_equals_direct_merges(tiny_bert, method, options):
+    """evaluate's grid shortcut (merge once, rescale) equals merging at each scaling."""
+    from tasks.params import BaselineSpec
+    from twinmerge.io import ExpertSet
+    from twinmerge.merge import build_shared_expert
+
+    base, experts = tiny_bert
+    pool = ExpertSet(base, experts)
+    spec = BaselineSpec(method=method, options=options, grid={"scaling": [0.3, 0.8]})
+    for opts, backbone in evaluate.grid_backbones(pool, spec):
+        direct, _ = build_shared_expert(pool, method, opts, progress=False)
+        for k in direct:
+            torch.testing.assert_close(backbone[k], direct[k], rtol=1e-5, atol=1e-6)
