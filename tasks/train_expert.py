@@ -2,7 +2,7 @@
 
 A full fine-tune of the base (all weights) with a fresh classification head
 (`AutoModelForSequenceClassification`, `num_labels`, `id2label`/`label2id` from the task's labels.json), on the
-task's train split; AdamW (no decay on biases and LayerNorm weights) and a linear schedule with warm-up, a plain
+task's train split (seeded shuffles, length-grouped batches: windows of 8 batches sorted by length); AdamW (no decay on biases and LayerNorm weights) and a linear schedule with warm-up, a plain
 torch loop (no Trainer), seeded, `torch.set_num_threads(zoo.threads)`, dynamic padding up to `zoo.max_length`.
 
 Writes `<experts_dir>/<task>/` atomically (temp folder, then rename) in Hugging Face layout
@@ -73,6 +73,21 @@ def predict(model, tokenizer, texts: list[str], max_length: int, batch_size: int
     return out
 
 
+def length_grouped_batches(lengths: list[int], batch_size: int, gen, group: int = 8) -> list[list[int]]:
+    """One epoch of batches: a seeded shuffle, then within each window of `group` batches the examples are
+    sorted by length (less padding, so faster on CPU), and the batch order is shuffled again."""
+    import torch
+
+    perm = torch.randperm(len(lengths), generator=gen).tolist()
+    window = batch_size * group
+    batches = []
+    for i in range(0, len(perm), window):
+        chunk = sorted(perm[i:i + window], key=lambda j: lengths[j])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[o] for o in order]
+
+
 def train_expert(task: str, params, out_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Fine-tune the expert of `task`; write it to `<experts_dir>/<task>` (or out_dir); return scores."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,12 +135,11 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
     model.train()
     step, losses = 0, []
     bar = tqdm(total=total_steps, desc=f"train {task}", disable=not progress, leave=False)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=zoo.max_length)["input_ids"]]
     while step < total_steps:
-        perm = torch.randperm(n, generator=gen).tolist()
-        for i in range(0, n, zoo.batch_size):
+        for idx in length_grouped_batches(lengths, zoo.batch_size, gen):
             if step >= total_steps:
                 break
-            idx = perm[i:i + zoo.batch_size]
             enc = tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=zoo.max_length,
                             return_tensors="pt")
             loss = model(**enc, labels=labels[idx]).loss
