@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoTokenizer
 from tasks.params import load_params
 from tasks.route import router_config
 from tasks.taskdata import load_registry_split
-from twinmerge.router import features_from_batch, route, train_router
+from twinmerge.router import features_from_batch, route, stratified_split, train_router
 
 SETTINGS = [  # (name, layers, pooling, router overrides)
     ("last layer, mean (paper)", (-1,), "mean", {}),
@@ -24,8 +24,12 @@ SETTINGS = [  # (name, layers, pooling, router overrides)
     ("layers -1,-3, mean", (-1, -3), "mean", {}),
     ("layers -1,-2,-3,-4, mean", (-1, -2, -3, -4), "mean", {}),
     ("embeddings + last, mean", (0, -1), "mean", {}),
+    ("all 6 layers, mean", (1, 2, 3, 4, 5, 6), "mean", {}),
     ("last layer, mean, dropout 0.1", (-1,), "mean", {"dropout": 0.1}),
     ("last layer, mean, linear router", (-1,), "mean", {"depth": 0}),
+    ("last layer, mean, half the validation data", (-1,), "mean", {"validation_share": 0.5}),
+    ("last layer, mean, refit on all validation", (-1,), "mean", {"refit": True}),
+    ("layers -1,-3, mean, refit", (-1, -3), "mean", {"refit": True}),
 ]
 
 
@@ -72,10 +76,15 @@ def main() -> None:
     print(header + "\n" + "|---" * (3 + len(names)) + "|")
     for name, layers, pooling, overrides in SETTINGS:
         x_val, x_test = feats["validation"][(layers, pooling)], feats["test"][(layers, pooling)]
+        y_val, overrides = labels["validation"], dict(overrides)
+        share = overrides.pop("validation_share", 1.0)
+        if share < 1.0:  # a seeded stratified subsample of the validation data
+            keep, _ = stratified_split(y_val, 1.0 - share, params.seed)
+            x_val, y_val = x_val[keep], y_val[keep]
         config = router_config(params, x_val.shape[1])
         for k, v in overrides.items():
             setattr(config, k, v)
-        router, report = train_router(x_val, labels["validation"], config, progress=False)
+        router, report = train_router(x_val, y_val, config, progress=False)
         pred = route(router, x_test).argmax(1)
         per_task = [(pred[labels["test"] == i] == i).float().mean().item() for i in range(len(names))]
         acc = (pred == labels["test"]).float().mean().item()

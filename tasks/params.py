@@ -162,6 +162,7 @@ class RouterParams(_Strict):
     batch_size: int = Field(64, ge=2)
     patience: int = Field(20, ge=1)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    refit: bool = False  # retrain on all validation data for the early-stopped epoch count
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     max_length: int = Field(64, ge=8, le=512)

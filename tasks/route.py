@@ -22,7 +22,7 @@ def router_config(params: Params, in_dim: int) -> RouterConfig:
                         dropout=r.dropout, lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs,
                         batch_size=r.batch_size, patience=r.patience, holdout_fraction=r.holdout_fraction,
                         seed=params.seed, temperature=r.temperature, top_k=r.top_k, layers=list(r.layers),
-                        pooling=r.pooling)
+                        pooling=r.pooling, refit=r.refit)
 
 
 def shared_features(params: Params, shared_dir: str | Path, texts: list[str], progress: bool = True) -> torch.Tensor:

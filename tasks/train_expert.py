@@ -14,8 +14,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,26 +22,10 @@ import numpy as np
 from tasks.fetch import locate_base_model
 from tasks.params import load_params
 from tasks.prepare import load_label_names, load_split
+from twinmerge.io import atomic_dir
+from twinmerge.metrics import accuracy, macro_f1
 
 log = logging.getLogger(__name__)
-
-
-def accuracy(y_true, y_pred) -> float:
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
-
-
-def macro_f1(y_true, y_pred, num_labels: int | None = None) -> float:
-    """Unweighted mean of per-class F1 over the classes present in y_true or y_pred (sklearn's default)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    classes = np.union1d(y_true, y_pred)
-    f1s = []
-    for c in classes:
-        tp = np.sum((y_pred == c) & (y_true == c))
-        fp = np.sum((y_pred == c) & (y_true != c))
-        fn = np.sum((y_pred != c) & (y_true == c))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s)) if f1s else float("nan")
 
 
 def _seed_all(seed: int) -> None:
@@ -160,29 +142,20 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
     for split in ("validation", "test"):
         y = splits[split]["label"].to_numpy()
         p = predict(model, tokenizer, splits[split]["text"].tolist(), zoo.max_length)
-        scores[split] = {"accuracy": accuracy(y, p), "macro_f1": macro_f1(y, p), "n": int(len(y))}
+        scores[split] = {"accuracy": accuracy(p, y), "macro_f1": macro_f1(p, y), "n": int(len(y))}
     majority = int(splits["train"]["label"].value_counts().idxmax())
     y_test = splits["test"]["label"].to_numpy()
-    scores["majority_baseline"] = {"label": names[majority], "test_accuracy": accuracy(y_test, np.full_like(y_test, majority)),
-                                   "test_macro_f1": macro_f1(y_test, np.full_like(y_test, majority))}
+    scores["majority_baseline"] = {"label": names[majority], "test_accuracy": accuracy(np.full_like(y_test, majority), y_test),
+                                   "test_macro_f1": macro_f1(np.full_like(y_test, majority), y_test)}
     scores["train"] = {"n": n, "steps": total_steps, "final_loss": float(np.mean(losses[-20:])),
                        "train_seconds": round(train_s, 2), "eval_seconds": round(time.perf_counter() - t1, 2)}
     scores["params"] = {"seed": params.seed, "base": str(base), **zoo.model_dump(exclude={"experts_dir"})}
     scores["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: test accuracy %.3f, macro-F1 %.3f (majority %.3f), %.0f s", task, scores["test"]["accuracy"],
              scores["test"]["macro_f1"], scores["majority_baseline"]["test_accuracy"], train_s)
     return scores

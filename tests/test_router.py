@@ -47,6 +47,18 @@ def test_early_stopping_restores_best_state():
     assert acc == pytest.approx(accs[best]) == pytest.approx(report.holdout_accuracy)
 
 
+def test_refit_trains_on_all_validation_data_for_the_best_epoch_count():
+    x, y = _clusters(n=200, noise=1.5)
+    config = RouterConfig(in_dim=16, n_experts=4, epochs=40, patience=5)
+    plain, report = train_router(x, y, config, progress=False)
+    config.refit = True
+    refit, refit_report = train_router(x, y, config, progress=False)
+    assert refit_report == report  # the report describes the honest holdout run either way
+    assert torch.allclose(refit.mean, x.mean(0)) and not torch.allclose(plain.mean, x.mean(0))
+    assert not torch.equal(refit.net[0].weight, plain.net[0].weight)
+    assert (route(refit, x).argmax(1) == y).float().mean() >= 0.8
+
+
 def test_stratified_split_is_seeded_and_disjoint():
     y = torch.tensor([0] * 10 + [1] * 5 + [2])
     fit, hold = stratified_split(y, 0.2, 3)

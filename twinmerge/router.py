@@ -6,7 +6,8 @@ D = len(layers) * H (2 * len(layers) * H for mean_max).
 MLP (the paper's): D -> h -> h -> n with h = hidden_mult * D, each hidden layer Linear, BatchNorm1d,
 LeakyReLU, Dropout; inputs standardised with the training features' mean/std (buffers).
 Training uses VALIDATION data only: a seeded stratified fit/holdout split, AdamW + cross-entropy, early
-stopping on holdout accuracy (ties: lower loss), best state restored.
+stopping on holdout accuracy (ties: lower loss), best state restored; optionally (`refit`) a fresh router is
+then trained on all the validation data for the best epoch count.
 Routing weights: softmax(logits / T); with top_k the k largest are kept and renormalised to sum 1
 (`twinmerge.dynamic.top_k_weights`, the same rule the dynamic model applies).
 """
@@ -95,6 +96,7 @@ class RouterConfig:
     top_k: int | None = None
     layers: list[int] = field(default_factory=lambda: [-1])
     pooling: str = "mean"
+    refit: bool = False  # after early stopping, retrain on all validation data for the best epoch count
 
     @classmethod
     def from_dict(cls, d):
@@ -155,22 +157,22 @@ def _evaluate(router, x, y, n):
     return F.cross_entropy(logits, y).item(), (pred == y).float().mean().item(), confusion
 
 
-def train_router(features, labels, config: RouterConfig, progress=True):
-    """Train a Router on (features [N, D], task-id labels [N]) from validation data -> (router, TrainReport)."""
-    labels = torch.as_tensor(labels).long()
-    if features.shape != (len(labels), config.in_dim) or labels.min() < 0 or labels.max() >= config.n_experts:
-        raise TwinMergeError(f"router training needs features [N, {config.in_dim}] and labels in "
-                             f"[0, {config.n_experts}); got {tuple(features.shape)}")
+def _new_router(config, features, idx):
+    """A seeded Router whose standardisation buffers are the mean/std of features[idx]."""
     torch.manual_seed(config.seed)
-    features = features.float()
-    fit, hold = stratified_split(labels, config.holdout_fraction, config.seed)
     router = Router(config)
-    router.mean.copy_(features[fit].mean(0))
-    router.std.copy_(features[fit].std(0).nan_to_num(1.0).clamp(min=1e-6))
+    router.mean.copy_(features[idx].mean(0))
+    router.std.copy_(features[idx].std(0).nan_to_num(1.0).clamp(min=1e-6))
+    return router
+
+
+def _fit(router, features, labels, fit, hold, config, epochs, progress):
+    """AdamW + cross-entropy on features[fit] for up to `epochs`; with a holdout, early stopping on holdout
+    accuracy (ties: lower loss) and the best state restored. Returns (history, best_epoch)."""
     opt = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     g = torch.Generator().manual_seed(config.seed)
     best, best_key, best_epoch, history, stale = None, None, 0, [], 0
-    for epoch in tqdm(range(1, config.epochs + 1), desc="router", disable=not progress):
+    for epoch in tqdm(range(1, epochs + 1), desc="router", disable=not progress):
         router.train()
         perm, total = fit[torch.randperm(len(fit), generator=g)], 0.0
         for start in range(0, len(perm), config.batch_size):
@@ -196,13 +198,33 @@ def train_router(features, labels, config: RouterConfig, progress=True):
     if best is not None:
         router.load_state_dict(best)
     router.eval()
+    return history, best_epoch or len(history)
+
+
+def train_router(features, labels, config: RouterConfig, progress=True):
+    """Train a Router on (features [N, D], task-id labels [N]) from validation data -> (router, TrainReport).
+
+    With config.refit, the router returned is retrained from scratch on ALL of (features, labels) for the
+    best epoch count found with the holdout; the report still describes the holdout run (an honest estimate).
+    """
+    labels = torch.as_tensor(labels).long()
+    if features.shape != (len(labels), config.in_dim) or labels.min() < 0 or labels.max() >= config.n_experts:
+        raise TwinMergeError(f"router training needs features [N, {config.in_dim}] and labels in "
+                             f"[0, {config.n_experts}); got {tuple(features.shape)}")
+    features = features.float()
+    fit, hold = stratified_split(labels, config.holdout_fraction, config.seed)
+    router = _new_router(config, features, fit)
+    history, best_epoch = _fit(router, features, labels, fit, hold, config, config.epochs, progress)
     acc, per_class, confusion = None, [], []
     if len(hold):
         _, acc, conf = _evaluate(router, features[hold], labels[hold], config.n_experts)
         per_class = [(conf[c, c] / conf[c].sum()).item() if conf[c].sum() else None for c in range(config.n_experts)]
         confusion = conf.tolist()
-    report = TrainReport(acc, per_class, confusion, len(history), best_epoch or len(history), len(fit), len(hold),
-                         history)
+    report = TrainReport(acc, per_class, confusion, len(history), best_epoch, len(fit), len(hold), history)
+    if config.refit and len(hold):
+        everything = torch.arange(len(labels))
+        router = _new_router(config, features, everything)
+        _fit(router, features, labels, everything, everything[:0], config, best_epoch, progress=False)
     return router, report
 
 
