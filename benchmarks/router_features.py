@@ -4,9 +4,10 @@ Runs on a finished pipeline (artifacts/shared and the task tables of params.yaml
 per (layer set, pooling) from the validation and test splits under the shared expert; each router is trained
 on validation data only (early stopping on a held-out part of it) and scored on the test splits.
 
-    python benchmarks/router_features.py [--params params.yaml] [--shared artifacts/shared]
+    python benchmarks/router_features.py [--params params.yaml] [--shared artifacts/shared] [--only REGEX]
 """
 import argparse
+import re
 import time
 
 import torch
@@ -30,12 +31,17 @@ SETTINGS = [  # (name, layers, pooling, router overrides)
     ("last layer, mean, half the validation data", (-1,), "mean", {"validation_share": 0.5}),
     ("last layer, mean, refit on all validation", (-1,), "mean", {"refit": True}),
     ("layers -1,-3, mean, refit", (-1, -3), "mean", {"refit": True}),
+    ("embeddings + last, mean, refit", (0, -1), "mean", {"refit": True}),
+    ("all 6 layers, mean, refit", (1, 2, 3, 4, 5, 6), "mean", {"refit": True}),
+    ("embeddings + all 6 layers, mean, refit", (0, 1, 2, 3, 4, 5, 6), "mean", {"refit": True}),
+    ("all 6 layers, mean, refit, narrow MLP (0.25 D)", (1, 2, 3, 4, 5, 6), "mean", {"refit": True, "hidden_mult": 0.25}),
+    ("all 6 layers, mean, refit, linear router", (1, 2, 3, 4, 5, 6), "mean", {"refit": True, "depth": 0}),
 ]
 
 
-def all_hidden(model, tokenizer, texts, max_length):
+def all_hidden(model, tokenizer, texts, max_length, settings):
     """Every layer's pooled features, computed in one pass: {(layers, pooling): Tensor[N, D]}."""
-    wanted = {(layers, pooling) for _, layers, pooling, _ in SETTINGS}
+    wanted = {(layers, pooling) for _, layers, pooling, _ in settings}
     out = {key: [] for key in wanted}
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     with torch.inference_mode():
@@ -60,7 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--shared", default="artifacts/shared")
+    parser.add_argument("--only", default="", help="run only the settings whose name matches this regex")
     args = parser.parse_args()
+    settings = [s for s in SETTINGS if re.search(args.only, s[0])]
     params = load_params(args.params)
     names = list(params.experts)
     model = AutoModel.from_pretrained(args.shared).eval()
@@ -69,12 +77,12 @@ def main() -> None:
     texts = {s: [t for n in names for t in splits[s][n][0]] for s in splits}
     labels = {s: torch.tensor([i for i, n in enumerate(names) for _ in splits[s][n][0]]) for s in splits}
     t0 = time.perf_counter()
-    feats = {s: all_hidden(model, tokenizer, texts[s], params.router.max_length) for s in splits}
+    feats = {s: all_hidden(model, tokenizer, texts[s], params.router.max_length, settings) for s in splits}
     print(f"features for {len(texts['validation'])} validation + {len(texts['test'])} test texts: "
           f"{time.perf_counter() - t0:.1f}s")
     header = "| setting | holdout | test | " + " | ".join(names) + " |"
     print(header + "\n" + "|---" * (3 + len(names)) + "|")
-    for name, layers, pooling, overrides in SETTINGS:
+    for name, layers, pooling, overrides in settings:
         x_val, x_test = feats["validation"][(layers, pooling)], feats["test"][(layers, pooling)]
         y_val, overrides = labels["validation"], dict(overrides)
         share = overrides.pop("validation_share", 1.0)
