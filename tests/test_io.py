@@ -110,6 +110,16 @@ def test_bare_backbone_base_is_mapped(tiny_bert):
     assert torch.equal(es.base_tensor("bert.embeddings.word_embeddings.weight"),
                        Checkpoint(base).get("embeddings.word_embeddings.weight"))
     assert es.expert_tensor("task2", "classifier.weight").shape == (4, 32)
+    assert es.backbone_prefix == "bert."
+
+
+def test_bare_backbone_prefix_is_read_from_tensor_names(tmp_path, tiny_bert):
+    """No model class is needed: an unknown model_type with a bare base maps the same way."""
+    base, experts = tiny_bert
+    unknown = lambda c: c.update(model_type="no-such-model")  # noqa: E731
+    es = ExpertSet(_copy(base, tmp_path / "base", config_edit=unknown),
+                   {n: _copy(p, tmp_path / n, config_edit=unknown) for n, p in experts.items()})
+    assert es.backbone_prefix == "bert." and len(es.mergeable_keys()) == 39
 
 
 def test_prefixed_base_is_identity(tiny_roberta):
@@ -121,6 +131,7 @@ def test_prefixed_base_is_identity(tiny_roberta):
                               "classifier.out_proj.bias", "classifier.out_proj.weight"]
     assert not any(k.startswith("lm_head") for k in es.mergeable_keys())  # base-only tensors ignored
     assert len(es.mergeable_keys()) == 37
+    assert es.backbone_prefix == "roberta."  # base has the prefix too: transformers' base_model_prefix
 
 
 def test_bert_masked_lm_base_pooler_becomes_head(tmp_path):

@@ -147,6 +147,20 @@ class Checkpoint:
         return f"Checkpoint({self.name!r}, {str(self.folder)!r}, {len(self._meta)} tensors)"
 
 
+def _bare_backbone_prefix(base_keys: set[str], expert_keys: set[str]) -> str:
+    """"p." when the base is a bare backbone whose tensors sit under prefix p in the experts (base key k ->
+    expert key "p.k" for most k), else "". Read from the names alone: no model class is imported."""
+    if len(base_keys & expert_keys) * 2 >= len(base_keys):
+        return ""
+    counts: dict[str, int] = {}
+    for key in expert_keys:
+        head, dot, rest = key.partition(".")
+        if dot and rest in base_keys:
+            counts[head] = counts.get(head, 0) + 1
+    best = max(counts, key=counts.get, default=None)
+    return f"{best}." if best is not None and counts[best] * 2 >= len(base_keys) else ""
+
+
 class ExpertSet:
     """A base checkpoint and n experts fine-tuned from it, validated against each other.
 
@@ -172,9 +186,7 @@ class ExpertSet:
         self.names = list(self.experts)
         first = self.experts[self.names[0]]
         self._check_configs()
-        prefix = first.base_model_prefix
-        base_keys = set(self.base.keys())
-        self._strip = (prefix + ".") if prefix and not any(k.startswith(prefix + ".") for k in base_keys) else ""
+        self._strip = _bare_backbone_prefix(set(self.base.keys()), set(first.keys()))
         self._check_key_sets()
         self._mergeable: list[str] = []
         self._heads: list[str] = []
@@ -185,6 +197,15 @@ class ExpertSet:
                 self._mergeable.append(key)
             elif bkey is None and all(self.experts[n].dtype(key).is_floating_point for n in self.names):
                 self._heads.append(key)
+
+    @property
+    def backbone_prefix(self) -> str:
+        """The experts' backbone prefix with its dot ("bert."), "" when the experts have none: inferred from the
+        tensor names when the base is a bare backbone, else transformers' `base_model_prefix`."""
+        if self._strip:
+            return self._strip
+        prefix = self.experts[self.names[0]].base_model_prefix
+        return f"{prefix}." if prefix else ""
 
     def base_key(self, key: str) -> str | None:
         """The base's name for canonical `key`, or None if the base has no such tensor (a head)."""

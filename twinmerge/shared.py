@@ -19,7 +19,7 @@ SHARED_META = "twinmerge.json"
 def save_shared(state: dict[str, torch.Tensor], pool: ExpertSet, out_dir: str | Path, report: dict) -> Path:
     """Write theta_s (canonical names) as an HF backbone folder with the base's config and tokenizer."""
     first = pool.experts[pool.names[0]]
-    prefix = f"{first.base_model_prefix}." if first.base_model_prefix else ""
+    prefix = pool.backbone_prefix
     if any(not k.startswith(prefix) for k in state):
         raise CheckpointError(f"shared state has tensors outside the backbone prefix {prefix!r}")
     config = {k: v for k, v in first.config.items() if k not in ("id2label", "label2id", "num_labels",
