@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HAND_WRITTEN = {
+HAND_WRITTEN = {  # one input per task, none taken from the data
     "movie": "a tedious, overlong film with wooden acting and a script that never comes alive",
+    "tweet": "@united worst airline ever, lost my bag again #fail",
+    "bbc": "Shares in the carmaker fell 5% after profits missed City forecasts",
+    "fortune_topic": "A journey of a thousand miles begins with a single step.",
     "langid": "Der Hund schläft den ganzen Tag im Garten und träumt von Würsten.",
     "wordnet": "oak: a deciduous tree of the genus Quercus with lobed leaves and acorns",
 }
@@ -88,4 +91,4 @@ def test_bundle_predict_routes_hand_written_inputs(project):
         assert abs(sum(row["weights"].values()) - 1) < 1e-3 and 0 <= row["probability"] <= 1
     routed = [row["task"] for row in rows]
     correct = sum(r == t for r, t in zip(routed, HAND_WRITTEN))
-    assert correct >= 2, f"hand-written inputs routed to {routed}"
+    assert correct >= 4, f"hand-written inputs routed to {routed}"  # smoke router: tiny validation splits
