@@ -165,7 +165,7 @@ class ExpertSet:
     """A base checkpoint and n experts fine-tuned from it, validated against each other.
 
     Canonical names are the experts' tensor names. `base_key(k)` maps one to the base's name: identity, or
-    `k` minus the experts' `base_model_prefix + "."` when the base is a bare backbone. Key classes:
+    `k` minus the experts' backbone prefix ("bert.") when the base is a bare backbone. Key classes:
       - mergeable: floating tensor in the base and in every expert, same shape and dtype everywhere;
       - head: floating tensor in every expert but not in the base (shapes may differ between experts);
       - ignored: base-only tensors, non-floating buffers.
