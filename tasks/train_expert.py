@@ -3,7 +3,7 @@
 A full fine-tune of the base (all weights) with a fresh classification head
 (`AutoModelForSequenceClassification`, `num_labels`, `id2label`/`label2id` from the task's labels.json), on the
 task's train split (seeded shuffles, length-grouped batches: windows of 8 batches sorted by length); AdamW (no decay on biases and LayerNorm weights) and a linear schedule with warm-up, a plain
-torch loop (no Trainer), seeded, `torch.set_num_threads(zoo.threads)`, dynamic padding up to `zoo.max_length`.
+torch loop (no Trainer), seeded, `zoo.threads` torch threads (at most OMP_NUM_THREADS), dynamic padding up to `zoo.max_length`.
 
 Writes `<experts_dir>/<task>/` atomically (temp folder, then rename) in Hugging Face layout
 (model.safetensors, config.json, tokenizer files) plus `scores.json`: validation and test accuracy and
@@ -83,7 +83,7 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
     transformers.logging.disable_progress_bar()
     zoo, data = params.zoo, params.data
     out_dir = Path(out_dir) if out_dir else Path(zoo.experts_dir) / task
-    torch.set_num_threads(zoo.threads)
+    torch.set_num_threads(min(zoo.threads, torch.get_num_threads()))  # OMP_NUM_THREADS (flow) caps it
     _seed_all(params.seed)
 
     names = load_label_names(data.tasks_dir, task)
