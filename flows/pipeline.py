@@ -4,10 +4,13 @@ DVC decides what is stale: every stage of `dvc.yaml` (per-expert `foreach` stage
 Prefect task run. A stage that `dvc status` reports up to date finishes in a `Cached` state without running;
 a stale one runs `dvc repro --single-item <stage>`, which executes the same `twinmerge <step>` command that
 `dvc repro` runs and records it in `dvc.lock`. Stages are scheduled by the DVC graph: every stage whose
-upstream stages are done is submitted at once (thread pool), so per-expert stages run in parallel.
+upstream stages are done is ready; ready stages of one `foreach` family (`compress@*`, ...) run side by side
+(thread pool), different families one after the other (`stage_groups`).
 Parallel stages split the CPU: each stage process gets cpu_count // (stages at once) BLAS/OpenMP threads (unless
 the caller set OMP_NUM_THREADS); two torch processes that each take every core spin against each other
-(two parallel `compress` stages took 192 s instead of 4.7 s on 2 cores).
+(two parallel `compress` stages took 192 s instead of 4.7 s on 2 cores). Siblings of one family take about the
+same time, so splitting the cores between them loses nothing; a short stage beside a long one (`bundle` beside
+`evaluate`) would leave the long one on a fraction of the cores after the short one ends.
 No tensors pass through Prefect: tasks take stage names and return small dicts.
 """
 import json
@@ -66,6 +69,17 @@ def stage_threads(concurrent: int, cpus: int | None = None) -> int | None:
     if "OMP_NUM_THREADS" in os.environ:
         return None
     return max(1, (cpus or os.cpu_count() or 1) // max(1, concurrent))
+
+
+def stage_groups(ready: list[str]) -> list[list[str]]:
+    """Ready stages grouped by `foreach` family (the name before '@'), largest group first, then by name.
+
+    Groups run one after the other; the stages of one group run side by side.
+    """
+    families: dict[str, list[str]] = {}
+    for stage in sorted(ready):
+        families.setdefault(stage.split("@")[0], []).append(stage)
+    return sorted(families.values(), key=lambda group: (-len(group), group[0]))
 
 
 def _thread_env(threads: int | None) -> dict[str, str]:
@@ -147,19 +161,20 @@ def pipeline(project: str = ".", max_workers: int = 2) -> dict:
     progress = create_progress_artifact(progress=0.0, key="twin-merging-progress", description="pipeline stages")
     with ThreadPoolTaskRunner(max_workers=max_workers) as runner:
         while len(done) < len(deps):
-            ready = sorted(s for s in deps if s not in done and deps[s] <= done)
-            threads = stage_threads(min(max_workers, len(ready)))
-            futures = {s: runner.submit(run_stage, parameters={
-                "stage": s, "project": str(project_path), "recheck": s in stale or bool(deps[s] & set(ran)),
-                "threads": threads})
-                for s in ready}
-            for s, fut in futures.items():
-                fut.wait()
-                fut.result(raise_on_failure=True)
-                (cached if fut.state.name == "Cached" else ran).append(s)
-                done.add(s)
-                update_progress_artifact(progress, progress=100.0 * len(done) / len(deps),
-                                         description=f"{len(done)}/{len(deps)} stages done")
+            ready = [s for s in deps if s not in done and deps[s] <= done]
+            for group in stage_groups(ready):
+                threads = stage_threads(min(max_workers, len(group)))
+                futures = {s: runner.submit(run_stage, parameters={
+                    "stage": s, "project": str(project_path), "recheck": s in stale or bool(deps[s] & set(ran)),
+                    "threads": threads})
+                    for s in group}
+                for s, fut in futures.items():
+                    fut.wait()
+                    fut.result(raise_on_failure=True)
+                    (cached if fut.state.name == "Cached" else ran).append(s)
+                    done.add(s)
+                    update_progress_artifact(progress, progress=100.0 * len(done) / len(deps),
+                                             description=f"{len(done)}/{len(deps)} stages done")
     leftover = stale_stages(project_path)
     if leftover:
         raise PipelineError(f"dvc status not clean after the flow: {leftover}")

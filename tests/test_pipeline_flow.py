@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import PipelineError, reproduce_stage, stage_threads
+from flows.pipeline import PipelineError, reproduce_stage, stage_groups, stage_threads
 
 STAGE = """stages:
   probe:
@@ -34,6 +34,13 @@ def test_stage_threads_split_the_cpus(monkeypatch):
     assert stage_threads(4, cpus=2) == 1  # never 0
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert stage_threads(2, cpus=2) is None  # the caller's setting wins
+
+
+def test_stage_groups_run_foreach_siblings_together_and_other_stages_alone():
+    ready = ["router", "compress@b", "compress@a", "evaluate", "bundle", "compress@c"]
+    assert stage_groups(ready) == [["compress@a", "compress@b", "compress@c"], ["bundle"], ["evaluate"], ["router"]]
+    assert stage_groups(["fetch"]) == [["fetch"]]
+    assert stage_groups([]) == []
 
 
 def test_reproduce_runs_then_skips_with_the_given_threads(project, monkeypatch):
