@@ -4,7 +4,8 @@
   safetensors/json/tokenizer files only, pinned to the resolved commit, retried with backoff.
 - `resolve_base(params)`: the base model folder (installed package found with importlib, local path, or Hub).
 - `download_expert(name, folder, base, out_dir)`: validate against the base (architecture, tensor names,
-  shapes, dtypes, finite values) before anything is written, then copy into `out_dir` with a manifest.
+  shapes, dtypes, finite values) and the head against the task's labels.json before anything is written, then
+  copy into `out_dir` with a manifest.
 """
 import json
 import logging
@@ -96,6 +97,32 @@ def copy_checkpoint(src: Path, out_dir: Path, source: dict) -> dict:
     return manifest
 
 
+def label_count(folder: str | Path) -> int:
+    """Number of classes of a task: the entries of `<folder>/labels.json` ({"0": name, ...})."""
+    path = Path(folder) / "labels.json"
+    if not path.is_file():
+        raise SourceError(f"{path}: missing (the task's class names, {{\"0\": name, ...}})")
+    try:
+        labels = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(labels, dict) or not labels or set(labels) != {str(i) for i in range(len(labels))}:
+        raise SourceError(f"{path}: expected an object with keys \"0\"..\"n-1\"")
+    return len(labels)
+
+
+def check_head_labels(name: str, checkpoint: str | Path, data: str | Path) -> None:
+    """The expert's classification head must have as many labels as its task: len(id2label) (or num_labels)
+    of `<checkpoint>/config.json` == len(`<data>/labels.json`); else a one-line CheckpointError."""
+    config_path = Path(checkpoint) / "config.json"
+    config = json.loads(config_path.read_text())
+    head = len(config["id2label"]) if config.get("id2label") else int(config.get("num_labels", 2))
+    task = label_count(data)
+    if head != task:
+        raise CheckpointError(f"expert {name}: {config_path} has a {head}-label head but its task data "
+                              f"{Path(data) / 'labels.json'} has {task} labels")
+
+
 def download_base(params: Params, out_dir: str | Path) -> dict:
     folder = resolve_base(params)
     return copy_checkpoint(folder, Path(out_dir), {"base": params.base.model_dump(exclude_none=True),
@@ -109,6 +136,7 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
     folder = Path(params.experts[name].path)
     experts = ExpertSet(base_dir, {name: folder})
     experts.check_finite()
+    check_head_labels(name, folder, params.experts[name].data)
     source = {"path": str(folder)}
     if (folder / "source.json").is_file():
         source["hub"] = json.loads((folder / "source.json").read_text())

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.download import _checkpoint_files, fetch_hub, resolve_base, sha256_file
+from tasks.download import _checkpoint_files, check_head_labels, fetch_hub, resolve_base, sha256_file
 from tasks.params import HubSource, Params, ParamsError, load_params
 from twinmerge.errors import CheckpointError, SourceError, TwinMergeError
 
@@ -231,12 +231,14 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
     hub = None
     if repo_id is None:
         validate_expert(name, path, base)
+        check_head_labels(name, path, data)
     else:
         source = HubSource(repo_id=repo_id, subfolder=subfolder, revision=revision)
         Path(HUB_DIR).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=HUB_DIR, prefix=f".validate-{name}.") as tmp:
             fetch_hub(source, Path(tmp) / name, api=api, snapshot_download=snapshot_download)
             validate_expert(name, Path(tmp) / name, base)
+            check_head_labels(name, Path(tmp) / name, data)
         hub = source.model_dump(exclude_none=True)
         path = f"{HUB_DIR}/{name}"
     entry = {"path": str(path), "task": task, "data": str(data), "metric": metric}

@@ -158,6 +158,15 @@ def test_download_rejects_incompatible_expert(ran, project, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_download_rejects_head_label_mismatch(ran, project, tmp_path):
+    params, _, _ = ran
+    bad = params.model_copy(deep=True)
+    bad.experts["alpha"].data = bad.experts["beta"].data  # alpha's head has another label count than beta's task
+    with pytest.raises(CheckpointError, match=r"alpha: .*config.json has a \d-label head but its task data .*labels.json has"):
+        download.download_expert("alpha", bad, project / "artifacts/base", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_params_errors_are_one_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"base": {"path": "x"}, "merge": {"method": "nope"}}))

@@ -35,8 +35,8 @@ def _tables(folder, num_labels=2):
 @pytest.fixture
 def project(tmp_path, tiny_bert, monkeypatch):
     base, experts = tiny_bert
-    for name in ("task0", "task1"):
-        _tables(tmp_path / "tables" / name)
+    for name, num_labels in (("task0", 2), ("task1", 3)):  # as the tiny experts' heads
+        _tables(tmp_path / "tables" / name, num_labels)
     (tmp_path / "params.yaml").write_text(PARAMS.format(base=base, e0=experts["task0"]))
     monkeypatch.chdir(tmp_path)
     return tmp_path, base, experts
@@ -70,6 +70,21 @@ def test_incompatible_expert_is_refused_and_params_untouched(project, tmp_path_f
     # duplicate name and missing data are refused the same way
     assert cli(["expert", "add", "task0", "--path", str(wrong), "--task", "t", "--data", "tables/task1"]) == 2
     assert cli(["expert", "add", "x", "--path", str(wrong), "--task", "t", "--data", "nowhere"]) == 2
+    assert (root / "params.yaml").read_bytes() == before
+
+
+def test_expert_whose_head_does_not_match_the_task_labels_is_refused(project, capsys):
+    root, _, experts = project
+    before = (root / "params.yaml").read_bytes()
+    assert cli(["expert", "add", "x", "--path", str(experts["task1"]), "--task", "t", "--data", "tables/task0",
+                "--no-event"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"twinmerge expert: error: expert x: {experts['task1']}/config.json has a 3-label head but its "
+                   "task data tables/task0/labels.json has 2 labels")
+    (root / "tables" / "task0" / "labels.json").unlink()
+    assert cli(["expert", "add", "x", "--path", str(experts["task0"]), "--task", "t", "--data", "tables/task0",
+                "--no-event"]) == 2
+    assert "tables/task0/labels.json: missing" in capsys.readouterr().err
     assert (root / "params.yaml").read_bytes() == before
 
 
