@@ -41,12 +41,22 @@ def _dvc(args: list[str], project: Path) -> subprocess.CompletedProcess:
 
 
 def stage_graph(project: Path) -> dict[str, set[str]]:
-    """Stage name -> names of the stages it depends on, read from DVC's own graph of `dvc.yaml`."""
+    """Stage name -> names of the stages it depends on, read from DVC's own graph of `dvc.yaml`.
+
+    Names are addressed from the project root, as `dvc status`/`dvc repro` run there see them (`train@a` for
+    the root dvc.yaml, `sub/dvc.yaml:x` for a nested one), whatever the caller's working directory.
+    """
     from dvc.repo import Repo
 
-    with Repo(str(project)) as repo:
+    root = Path(project).resolve()
+
+    def name(stage) -> str:
+        dvcfile = Path(stage.path).resolve()
+        return stage.name if dvcfile.parent == root else f"{dvcfile.relative_to(root)}:{stage.name}"
+
+    with Repo(str(root)) as repo:
         graph = repo.index.graph
-        return {s.addressing: {d.addressing for d in graph.successors(s)} for s in graph.nodes}
+        return {name(s): {name(d) for d in graph.successors(s)} for s in graph.nodes}
 
 
 def stale_stages(project: Path, stages: list[str] | None = None) -> list[str]:
@@ -60,7 +70,8 @@ def stale_stages(project: Path, stages: list[str] | None = None) -> list[str]:
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # What `dvc repro --single-item` prints when it does not run the command: up to date, or restored from the
 # run-cache (outputs checked out, command not run).
-NOT_RUN = ("didn't change, skipping", "is cached - skipping run")
+RESTORED = "is cached - skipping run"
+NOT_RUN = ("didn't change, skipping", RESTORED)
 
 
 def stage_threads(concurrent: int, cpus: int | None = None) -> int | None:
@@ -118,7 +129,7 @@ def run_stage(stage: str, project: str, recheck: bool = True, threads: int | Non
     """Reproduce one DVC stage unless it is up to date (then the task run ends as `Cached`).
 
     `recheck=False` means the flow already knows the stage is up to date (the flow's initial `dvc status`
-    found it clean and no upstream stage ran): DVC is not called at all. Otherwise `dvc repro --single-item`
+    found it clean and no upstream stage changed its outputs): DVC is not called at all. Otherwise `dvc repro --single-item`
     decides (`reproduce_stage`); when it does not run the command, the task run ends as `Cached`.
     """
     logger = get_run_logger()
@@ -128,7 +139,8 @@ def run_stage(stage: str, project: str, recheck: bool = True, threads: int | Non
     start = time.perf_counter()
     skipped = reproduce_stage(stage, Path(project), threads, lambda line: logger.info("%s | %s", stage, line[-500:]))
     if skipped:
-        return Completed(name="Cached", message=skipped, data={"stage": stage, "ran": False})
+        restored = RESTORED in skipped  # outputs checked out from the run-cache: downstream must be rechecked
+        return Completed(name="Cached", message=skipped, data={"stage": stage, "ran": False, "restored": restored})
     return {"stage": stage, "ran": True, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -157,6 +169,7 @@ def pipeline(project: str = ".", max_workers: int = 2) -> dict:
     stale = set(stale_stages(project_path))
     done: set[str] = set()
     ran, cached = [], []
+    changed: set[str] = set()  # stages whose outputs changed in this run: ran, or restored from the run-cache
     start = time.perf_counter()
     progress = create_progress_artifact(progress=0.0, key="twin-merging-progress", description="pipeline stages")
     with ThreadPoolTaskRunner(max_workers=max_workers) as runner:
@@ -165,13 +178,15 @@ def pipeline(project: str = ".", max_workers: int = 2) -> dict:
             for group in stage_groups(ready):
                 threads = stage_threads(min(max_workers, len(group)))
                 futures = {s: runner.submit(run_stage, parameters={
-                    "stage": s, "project": str(project_path), "recheck": s in stale or bool(deps[s] & set(ran)),
+                    "stage": s, "project": str(project_path), "recheck": s in stale or bool(deps[s] & changed),
                     "threads": threads})
                     for s in group}
                 for s, fut in futures.items():
                     fut.wait()
                     fut.result(raise_on_failure=True)
                     (cached if fut.state.name == "Cached" else ran).append(s)
+                    if fut.state.name != "Cached" or (fut.result() or {}).get("restored"):
+                        changed.add(s)
                     done.add(s)
                     update_progress_artifact(progress, progress=100.0 * len(done) / len(deps),
                                              description=f"{len(done)}/{len(deps)} stages done")

@@ -66,3 +66,36 @@ def test_failing_stage_names_itself(project):
     (project / "fail").write_text("3")
     with pytest.raises(PipelineError, match="stage probe failed"):
         reproduce_stage("probe", project)
+
+
+TWO_STAGES = """stages:
+  first:
+    cmd: {python} -c "open('a.txt', 'w').write(open('x').read())"
+    deps: [x]
+    outs: [a.txt]
+  second:
+    cmd: {python} -c "open('b.txt', 'w').write(open('a.txt').read() * 2)"
+    deps: [a.txt]
+    outs: [b.txt]
+"""
+
+
+@pytest.mark.e2e
+def test_flow_rechecks_downstream_of_a_run_cache_restore(tmp_path):
+    """x=1, x=2, then x=1 again: `first` is restored from DVC's run-cache (not run), so `second`, which the
+    initial `dvc status` found up to date, must still be reproduced; the flow ends with `dvc status` clean."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline, stale_stages
+
+    (tmp_path / "dvc.yaml").write_text(TWO_STAGES.format(python=sys.executable))
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    with prefect_test_harness(server_startup_timeout=120):
+        for value in ("1", "2", "1"):
+            (tmp_path / "x").write_text(value)
+            result = pipeline(project=str(tmp_path), max_workers=1)
+            assert (tmp_path / "b.txt").read_text() == value * 2
+            assert stale_stages(tmp_path) == []
+    assert result["ran"] == [] and result["cached"] == ["first", "second"]  # both restored, nothing recomputed
