@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -421,7 +420,6 @@ def test_e2e_smoke_fetch_prepare_train(tmp_path):
     params["zoo"]["experts_dir"] = str(tmp_path / "experts")
     pfile = tmp_path / "smoke.yaml"
     pfile.write_text(yaml.safe_dump(params))
-    t0 = time.perf_counter()
     assert cli.main(["fetch", "--params", str(pfile)]) == 0
     assert cli.main(["prepare", "--params", str(pfile)]) == 0
     for task in params["data"]["tasks"]:
@@ -429,10 +427,9 @@ def test_e2e_smoke_fetch_prepare_train(tmp_path):
         d = tmp_path / "experts" / task
         assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
         scores = json.loads((d / "scores.json").read_text())
-        assert 0 <= scores["test"]["accuracy"] <= 1 and "majority_baseline" in scores
+        train, test = (pd.read_parquet(tmp_path / "tasks" / task / f"{s}.parquet") for s in ("train", "test"))
+        majority = train["label"].value_counts().idxmax()  # the baseline's class is chosen on train
+        assert scores["test"]["n"] == len(test)
+        assert scores["majority_baseline"]["test_accuracy"] == pytest.approx((test["label"] == majority).mean())
         cfg = json.loads((d / "config.json").read_text())
         assert len(cfg["id2label"]) == scores["num_labels"]
-    elapsed = time.perf_counter() - t0
-    if elapsed > 120:  # budget on an idle 2-core runner; a shared machine can be much slower, so only warn
-        import warnings
-        warnings.warn(f"smoke fetch+prepare+6 experts took {elapsed:.0f} s (budget 120 s)")

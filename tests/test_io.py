@@ -170,6 +170,9 @@ def test_config_mismatch(tmp_path, tiny_bert):
     with pytest.raises(CheckpointError, match=r"expert 'task1' \(.*odd\): config num_hidden_layers=3 differs "
                                               r"from base \(.*base\) num_hidden_layers=2"):
         ExpertSet(base, {**experts, "task1": odd})
+    act = _copy(experts["task1"], tmp_path / "act", config_edit=lambda c: c.update(hidden_act="relu"))
+    with pytest.raises(CheckpointError, match=r"config hidden_act='relu' differs from base .* hidden_act='gelu'"):
+        ExpertSet(base, {**experts, "task1": act})
     labels = _copy(experts["task1"], tmp_path / "labels",
                    config_edit=lambda c: c.update(id2label={"0": "x", "1": "y", "2": "z"}))
     ExpertSet(base, {**experts, "task1": labels})  # head config may differ

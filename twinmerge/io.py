@@ -30,6 +30,9 @@ PICKLE = "pytorch_model.bin"
 # Config fields that must agree between base and experts (num_labels / id2label may differ).
 ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "vocab_size", "max_position_embeddings", "type_vocab_size")
+# Fields that change the computation; compared when both configs set them (an absent field means the model
+# class's default, which is not known here without importing it).
+COMPUTE_FIELDS = ("hidden_act", "layer_norm_eps", "position_embedding_type")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
@@ -249,7 +252,8 @@ class ExpertSet:
 
     def _check_configs(self) -> None:
         for name, ckpt in self.experts.items():
-            for field in ARCH_FIELDS:
+            both = [f for f in COMPUTE_FIELDS if f in ckpt.config and f in self.base.config]
+            for field in ARCH_FIELDS + tuple(both):
                 if ckpt.config.get(field) != self.base.config.get(field):
                     raise CheckpointError(
                         f"expert {name!r} ({ckpt.folder}): config {field}={ckpt.config.get(field)!r} differs from "
