@@ -5,7 +5,7 @@
 - `resolve_base(params)`: the base model folder (installed package found with importlib, local path, or Hub).
 - `download_expert(name, folder, base, out_dir)`: validate against the base (architecture, tensor names,
   shapes, dtypes, finite values) and the head against the task's labels.json before anything is written, then
-  copy into `out_dir` with a manifest.
+  copy into `out_dir` with a manifest; `copy_task_data` copies the expert's task tables beside it.
 """
 import json
 import logging
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tasks.fetch import locate_base_model, sha256_file
 from tasks.params import HubSource, Params, load_params
+from tasks.taskdata import TASKDATA_DIR
 from twinmerge.errors import CheckpointError, SourceError
 from twinmerge.io import ExpertSet, atomic_dir
 
@@ -97,6 +98,28 @@ def copy_checkpoint(src: Path, out_dir: Path, source: dict) -> dict:
     return manifest
 
 
+TASK_FILES = ("train.parquet", "validation.parquet", "test.parquet", "labels.json")
+
+
+def copy_task_data(src: str | Path, out_dir: str | Path) -> dict:
+    """Copy an expert's task tables (TASK_FILES) into out_dir atomically, with manifest.json (sha256 per file).
+
+    The router and evaluate stages read these copies (artifacts/taskdata/<expert>), so DVC tracks task data
+    wherever the registry keeps it."""
+    src = Path(src)
+    missing = [f for f in TASK_FILES if not (src / f).is_file()]
+    if missing:
+        raise SourceError(f"{src}: task data lacks {', '.join(missing)}")
+    with atomic_dir(out_dir) as staged:
+        files = {}
+        for name in TASK_FILES:
+            shutil.copy2(src / name, staged / name)
+            files[name] = {"sha256": sha256_file(staged / name), "bytes": (src / name).stat().st_size}
+        manifest = {"source": {"path": str(src)}, "files": files}
+        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
 def label_count(folder: str | Path) -> int:
     """Number of classes of a task: the entries of `<folder>/labels.json` ({"0": name, ...})."""
     path = Path(folder) / "labels.json"
@@ -159,3 +182,4 @@ def main(args) -> None:
         fetch_hub(params.hub_sources[args.name], Path("data/hub") / args.name)
     else:
         download_expert(args.name, params, "artifacts/base", Path("artifacts/checkpoints") / args.name)
+        copy_task_data(params.experts[args.name].data, Path(TASKDATA_DIR) / args.name)

@@ -1,11 +1,15 @@
 """Task tables of the registry's experts: `<data>/{train,validation,test}.parquet` (columns text, label)
-and `<data>/labels.json`. One-line errors name the file when a split is missing or empty."""
+and `<data>/labels.json`. The pipeline reads the copies that `download` makes in `artifacts/taskdata/<expert>`
+(a DVC output, so task data is tracked wherever the registry keeps it). One-line errors name the file when a
+split is missing or empty."""
 from pathlib import Path
 
 import pandas as pd
 
 from tasks.params import Params
 from twinmerge.errors import SourceError
+
+TASKDATA_DIR = "artifacts/taskdata"
 
 
 def load_split(folder: str | Path, split: str) -> tuple[list[str], list[int]]:
@@ -18,6 +22,7 @@ def load_split(folder: str | Path, split: str) -> tuple[list[str], list[int]]:
     return df["text"].astype(str).tolist(), df["label"].astype(int).tolist()
 
 
-def load_registry_split(params: Params, split: str) -> dict[str, tuple[list[str], list[int]]]:
-    """{expert: (texts, labels)} for every expert of params.yaml, in registry order."""
-    return {name: load_split(spec.data, split) for name, spec in params.experts.items()}
+def load_registry_split(params: Params, split: str, root: str | Path = TASKDATA_DIR
+                        ) -> dict[str, tuple[list[str], list[int]]]:
+    """{expert: (texts, labels)} for every expert of params.yaml, in registry order, from `<root>/<expert>`."""
+    return {name: load_split(Path(root) / name, split) for name in params.experts}

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -115,3 +116,14 @@ def test_new_expert_runs_only_its_stages_and_the_whole_set_ones(project, harness
     assert len(read_history(project / "history/evaluations.jsonl")) == 2
     status = _run([sys.executable, "-m", "dvc", "status", "--json"], project)
     assert json.loads(status or "{}") == {}
+
+    # gamma's task tables live outside data.tasks_dir; editing them is still seen (through dvc status)
+    test_table = project / "data/extra/t2/test.parquet"
+    table = pd.read_parquet(test_table)
+    table.iloc[:-1].to_parquet(test_table)
+    fourth = check_and_run(project=str(project))
+    assert fourth["changes"] == {} and "download@gamma" in fourth["stale"]
+    ran, cached = set(fourth["pipeline"]["ran"]), set(fourth["pipeline"]["cached"])
+    assert {"download@gamma", "router", "evaluate", "report"} <= ran
+    assert {"download@alpha", "download@beta", "modularize", "compress@gamma"} <= cached
+    assert len(pd.read_parquet(project / "artifacts/taskdata/gamma/test.parquet")) == len(table) - 1

@@ -4,6 +4,7 @@ Each task's texts are drawn from its own slice of the vocabulary, so the router 
 are random, so scores are only checked for consistency, not for quality.
 """
 import fnmatch
+import hashlib
 import json
 import random
 import shutil
@@ -76,6 +77,7 @@ def ran(project):
     download.download_base(params, "artifacts/base")
     for name in params.experts:
         download.download_expert(name, params, "artifacts/base", f"artifacts/checkpoints/{name}")
+        download.copy_task_data(params.experts[name].data, f"artifacts/taskdata/{name}")
     modularize.modularize(params)
     for name in params.experts:
         compress_step.compress(params, name, progress=False)
@@ -92,6 +94,21 @@ def test_download_manifest_records_sha256(ran, project):
     assert "model.safetensors" in manifest["files"]
     assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
     assert manifest["source"]["path"].endswith("alpha")
+    data = project / "artifacts/taskdata/alpha"  # the task tables the router and evaluate stages read
+    tables = json.loads((data / "manifest.json").read_text())
+    assert set(tables["files"]) == set(download.TASK_FILES)
+    for name, entry in tables["files"].items():
+        assert entry["sha256"] == hashlib.sha256((data / name).read_bytes()).hexdigest()
+        assert (data / name).read_bytes() == (Path(ran[0].experts["alpha"].data) / name).read_bytes()
+
+
+def test_task_data_copy_names_missing_files_and_leaves_nothing(project, tmp_path):
+    src = tmp_path / "partial"
+    shutil.copytree(project / "data/tasks/t0", src)
+    (src / "test.parquet").unlink()
+    with pytest.raises(SourceError, match=r"partial: task data lacks test.parquet"):
+        download.copy_task_data(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_shared_expert_loads_with_transformers(ran, project):
