@@ -156,16 +156,24 @@ def test_real_minilm_base(tmp_path):
 
 # --- ExpertSet validation ---------------------------------------------------------------------------------
 
-def test_duplicate_expert_names(tiny_bert):
-    base, experts = tiny_bert
+@pytest.fixture(params=["bert", "roberta"])
+def tiny_set(request):
+    """(base, experts, expert key prefix, base key prefix): the bare-backbone BERT set (base keys without
+    `bert.`) and the masked-LM RoBERTa set (base keys with `roberta.`)."""
+    base, experts = request.getfixturevalue(f"tiny_{request.param}")
+    return (base, experts, "bert.", "") if request.param == "bert" else (base, experts, "roberta.", "roberta.")
+
+
+def test_duplicate_expert_names(tiny_set):
+    base, experts, _, _ = tiny_set
     with pytest.raises(CheckpointError, match="duplicate expert name 'x'"):
         ExpertSet(base, [("x", experts["task0"]), ("x", experts["task1"])])
     with pytest.raises(CheckpointError, match="no experts"):
         ExpertSet(base, {})
 
 
-def test_config_mismatch(tmp_path, tiny_bert):
-    base, experts = tiny_bert
+def test_config_mismatch(tmp_path, tiny_set):
+    base, experts, p, _ = tiny_set
     odd = _copy(experts["task1"], tmp_path / "odd", config_edit=lambda c: c.update(num_hidden_layers=3))
     with pytest.raises(CheckpointError, match=r"expert 'task1' \(.*odd\): config num_hidden_layers=3 differs "
                                               r"from base \(.*base\) num_hidden_layers=2"):
@@ -173,14 +181,18 @@ def test_config_mismatch(tmp_path, tiny_bert):
     act = _copy(experts["task1"], tmp_path / "act", config_edit=lambda c: c.update(hidden_act="relu"))
     with pytest.raises(CheckpointError, match=r"config hidden_act='relu' differs from base .* hidden_act='gelu'"):
         ExpertSet(base, {**experts, "task1": act})
+    other = "bert" if p == "roberta." else "roberta"
+    arch = _copy(experts["task1"], tmp_path / "arch", config_edit=lambda c: c.update(model_type=other))
+    with pytest.raises(CheckpointError, match=rf"config model_type='{other}' differs"):
+        ExpertSet(base, {**experts, "task1": arch})
     labels = _copy(experts["task1"], tmp_path / "labels",
                    config_edit=lambda c: c.update(id2label={"0": "x", "1": "y", "2": "z"}))
     ExpertSet(base, {**experts, "task1": labels})  # head config may differ
 
 
-def test_missing_and_extra_tensors(tmp_path, tiny_bert):
-    base, experts = tiny_bert
-    key = "bert.encoder.layer.0.attention.self.query.weight"
+def test_missing_and_extra_tensors(tmp_path, tiny_set):
+    base, experts, p, _ = tiny_set
+    key = f"{p}encoder.layer.0.attention.self.query.weight"
     gap = _copy(experts["task2"], tmp_path / "gap", edit=lambda sd: sd.pop(key))
     with pytest.raises(CheckpointError, match=rf"expert 'task2' \(.*gap\): missing tensor {key} \(held by 2 of 3"):
         ExpertSet(base, {**experts, "task2": gap})
@@ -189,21 +201,21 @@ def test_missing_and_extra_tensors(tmp_path, tiny_bert):
         ExpertSet(base, {**experts, "task0": more})
 
 
-def test_shape_and_dtype_mismatch(tmp_path, tiny_bert):
-    base, experts = tiny_bert
-    key = "bert.encoder.layer.1.intermediate.dense.weight"
+def test_shape_and_dtype_mismatch(tmp_path, tiny_set):
+    base, experts, p, bp = tiny_set
+    key = f"{p}encoder.layer.1.intermediate.dense.weight"
     wide = _copy(experts["task1"], tmp_path / "wide", edit=lambda sd: sd.update({key: torch.zeros(65, 32)}))
     with pytest.raises(CheckpointError, match=rf"expert 'task1' \(.*wide\): tensor {key} has shape \[65, 32\], "
-                                              r"base \(.*base\) encoder.layer.1.intermediate.dense.weight has \[64, 32\]"):
+                                              rf"base \(.*base\) {bp}encoder.layer.1.intermediate.dense.weight has \[64, 32\]"):
         ExpertSet(base, {**experts, "task1": wide})
     half = _copy(experts["task0"], tmp_path / "half", edit=lambda sd: sd.update({key: sd[key].half()}))
     with pytest.raises(CheckpointError, match=rf"expert 'task0' \(.*half\): tensor {key} has dtype torch.float16"):
         ExpertSet(base, {**experts, "task0": half})
 
 
-def test_nan_reported_with_expert_folder_and_tensor(tmp_path, tiny_bert):
-    base, experts = tiny_bert
-    key = "bert.encoder.layer.0.output.dense.bias"
+def test_nan_reported_with_expert_folder_and_tensor(tmp_path, tiny_set):
+    base, experts, p, _ = tiny_set
+    key = f"{p}encoder.layer.0.output.dense.bias"
 
     def poison(sd):
         sd[key][3] = float("nan")
@@ -215,13 +227,14 @@ def test_nan_reported_with_expert_folder_and_tensor(tmp_path, tiny_bert):
         es.expert_tensor("task1", key)
 
 
-def test_inf_in_base(tmp_path, tiny_bert):
-    base, experts = tiny_bert
+def test_inf_in_base(tmp_path, tiny_set):
+    base, experts, _, bp = tiny_set
+    key = f"{bp}embeddings.LayerNorm.weight"
 
     def poison(sd):
-        sd["embeddings.LayerNorm.weight"][0] = float("inf")
+        sd[key][0] = float("inf")
     sick = _copy(base, tmp_path / "sickbase", edit=poison)
-    with pytest.raises(CheckpointError, match=r"base \(.*sickbase\): tensor embeddings.LayerNorm.weight has NaN/Inf"):
+    with pytest.raises(CheckpointError, match=rf"base \(.*sickbase\): tensor {key} has NaN/Inf"):
         ExpertSet(sick, experts).check_finite()
 
 
