@@ -129,8 +129,9 @@ def run_stage(stage: str, project: str, recheck: bool = True, threads: int | Non
     """Reproduce one DVC stage unless it is up to date (then the task run ends as `Cached`).
 
     `recheck=False` means the flow already knows the stage is up to date (the flow's initial `dvc status`
-    found it clean and no upstream stage changed its outputs): DVC is not called at all. Otherwise `dvc repro --single-item`
-    decides (`reproduce_stage`); when it does not run the command, the task run ends as `Cached`.
+    found it clean and no upstream stage changed its outputs): DVC is not called at all. Otherwise
+    `dvc repro --single-item` decides (`reproduce_stage`); when it does not run the command, the task run ends
+    as `Cached`.
     """
     logger = get_run_logger()
     if not recheck:

@@ -101,15 +101,20 @@ def copy_checkpoint(src: Path, out_dir: Path, source: dict) -> dict:
 TASK_FILES = ("train.parquet", "validation.parquet", "test.parquet", "labels.json")
 
 
+def check_task_files(src: str | Path) -> None:
+    """One-line SourceError naming the TASK_FILES missing from the task folder `src`."""
+    missing = [f for f in TASK_FILES if not (Path(src) / f).is_file()]
+    if missing:
+        raise SourceError(f"{src}: task data lacks {', '.join(missing)}")
+
+
 def copy_task_data(src: str | Path, out_dir: str | Path) -> dict:
     """Copy an expert's task tables (TASK_FILES) into out_dir atomically, with manifest.json (sha256 per file).
 
     The router and evaluate stages read these copies (artifacts/taskdata/<expert>), so DVC tracks task data
     wherever the registry keeps it."""
     src = Path(src)
-    missing = [f for f in TASK_FILES if not (src / f).is_file()]
-    if missing:
-        raise SourceError(f"{src}: task data lacks {', '.join(missing)}")
+    check_task_files(src)
     with atomic_dir(out_dir) as staged:
         files = {}
         for name in TASK_FILES:
@@ -159,6 +164,7 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
     folder = Path(params.experts[name].path)
     experts = ExpertSet(base_dir, {name: folder})
     experts.check_finite()
+    check_task_files(params.experts[name].data)  # before anything is written: main copies the tables next
     check_head_labels(name, folder, params.experts[name].data)
     source = {"path": str(folder)}
     if (folder / "source.json").is_file():

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.download import _checkpoint_files, check_head_labels, fetch_hub, resolve_base, sha256_file
+from tasks.download import (_checkpoint_files, check_head_labels, check_task_files, fetch_hub, resolve_base,
+                            sha256_file)
 from tasks.params import HubSource, Params, ParamsError, load_params
 from twinmerge.errors import CheckpointError, SourceError, TwinMergeError
 
@@ -204,12 +205,6 @@ def validate_expert(name: str, folder: str | Path, base: str | Path) -> None:
         raise CheckpointError(f"expert {name} ({folder}) is incompatible with the base {base}: {first}") from None
 
 
-def _check_data(name: str, data: str) -> None:
-    missing = [s for s in ("train", "validation", "test") if not (Path(data) / f"{s}.parquet").is_file()]
-    if missing:
-        raise SourceError(f"expert {name}: task data {data} lacks {', '.join(s + '.parquet' for s in missing)}")
-
-
 def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: str | None = None,
                repo_id: str | None = None, subfolder: str | None = None, revision: str = "main",
                params_path: str | Path = "params.yaml", replace: bool = False, api=None,
@@ -226,7 +221,7 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
         raise ParamsError(f"{params_path}: experts: '{name}' is already registered (use --replace)")
     if metric not in METRICS:
         raise ParamsError(f"expert add: unknown metric {metric!r}; known: {', '.join(METRICS)}")
-    _check_data(name, data)
+    check_task_files(data)
     base = base_folder(params)
     hub = None
     if repo_id is None:

@@ -84,7 +84,7 @@ def test_expert_whose_head_does_not_match_the_task_labels_is_refused(project, ca
     (root / "tables" / "task0" / "labels.json").unlink()
     assert cli(["expert", "add", "x", "--path", str(experts["task0"]), "--task", "t", "--data", "tables/task0",
                 "--no-event"]) == 2
-    assert "tables/task0/labels.json: missing" in capsys.readouterr().err
+    assert "tables/task0: task data lacks labels.json" in capsys.readouterr().err
     assert (root / "params.yaml").read_bytes() == before
 
 
