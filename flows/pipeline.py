@@ -184,9 +184,10 @@ def pipeline(project: str = ".", max_workers: int = 2) -> dict:
                     for s in group}
                 for s, fut in futures.items():
                     fut.wait()
-                    fut.result(raise_on_failure=True)
-                    (cached if fut.state.name == "Cached" else ran).append(s)
-                    if fut.state.name != "Cached" or (fut.result() or {}).get("restored"):
+                    result = fut.result(raise_on_failure=True)
+                    was_cached = fut.state.name == "Cached"
+                    (cached if was_cached else ran).append(s)
+                    if not was_cached or result.get("restored"):
                         changed.add(s)
                     done.add(s)
                     update_progress_artifact(progress, progress=100.0 * len(done) / len(deps),

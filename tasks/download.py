@@ -86,14 +86,14 @@ def resolve_base(params: Params, hub_dir: str | Path = "data/hub/_base") -> Path
     return Path(locate_base_model(source, params.data.raw_dir))
 
 
-def copy_checkpoint(src: Path, out_dir: Path, source: dict) -> dict:
-    """Copy a checkpoint folder's files into out_dir atomically and write manifest.json (sha256 per file)."""
+def copy_with_manifest(files: list[Path], out_dir: Path, source: dict) -> dict:
+    """Copy `files` into out_dir atomically and write manifest.json (source, sha256 and bytes per file)."""
     with atomic_dir(out_dir) as staged:
-        files = {}
-        for f in _checkpoint_files(src):
+        entries = {}
+        for f in files:
             shutil.copy2(f, staged / f.name)
-            files[f.name] = {"sha256": sha256_file(staged / f.name), "bytes": f.stat().st_size}
-        manifest = {"source": source, "files": files}
+            entries[f.name] = {"sha256": sha256_file(staged / f.name), "bytes": f.stat().st_size}
+        manifest = {"source": source, "files": entries}
         (staged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
@@ -115,21 +115,12 @@ def copy_task_data(src: str | Path, out_dir: str | Path) -> dict:
     wherever the registry keeps it."""
     src = Path(src)
     check_task_files(src)
-    with atomic_dir(out_dir) as staged:
-        files = {}
-        for name in TASK_FILES:
-            shutil.copy2(src / name, staged / name)
-            files[name] = {"sha256": sha256_file(staged / name), "bytes": (src / name).stat().st_size}
-        manifest = {"source": {"path": str(src)}, "files": files}
-        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest
+    return copy_with_manifest([src / name for name in TASK_FILES], Path(out_dir), {"path": str(src)})
 
 
 def label_count(folder: str | Path) -> int:
     """Number of classes of a task: the entries of `<folder>/labels.json` ({"0": name, ...})."""
-    path = Path(folder) / "labels.json"
-    if not path.is_file():
-        raise SourceError(f"{path}: missing (the task's class names, {{\"0\": name, ...}})")
+    path = Path(folder) / "labels.json"  # its presence is checked by check_task_files
     try:
         labels = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -153,7 +144,7 @@ def check_head_labels(name: str, checkpoint: str | Path, data: str | Path) -> No
 
 def download_base(params: Params, out_dir: str | Path) -> dict:
     folder = resolve_base(params)
-    return copy_checkpoint(folder, Path(out_dir), {"base": params.base.model_dump(exclude_none=True),
+    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), {"base": params.base.model_dump(exclude_none=True),
                                                     "folder": str(folder)})
 
 
@@ -169,7 +160,7 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
     source = {"path": str(folder)}
     if (folder / "source.json").is_file():
         source["hub"] = json.loads((folder / "source.json").read_text())
-    return copy_checkpoint(folder, Path(out_dir), source)
+    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), source)
 
 
 def add_arguments(parser) -> None:
