@@ -236,3 +236,23 @@ def test_project_factor_files(expert_set, tmp_path, request):
         for b in range(3):
             ref = dyn.materialize(w[b])(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0]
             torch.testing.assert_close(out.per_sample()[b], ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("rank_spec", [("budget_bytes", 600), ("budget_fraction", 0.005)])
+def test_budget_dropping_a_weight_in_every_expert(tiny_bert, tmp_path, rank_spec):
+    """A small byte budget gives some 2-D weights rank 0 in EVERY expert while their bias deltas are stored:
+    the dynamic model still builds and equals materialize() (all experts and top-2)."""
+    dyn, es = _pipeline(*tiny_bert, tmp_path, rank_spec, "float32")
+    dropped = [k for k in es.mergeable_keys() if k.endswith(".weight") and es.base_tensor(k).ndim == 2
+               and not any(k in f.lowrank or k in f.dense for f in dyn.factors)
+               and any(k[:-len("weight")] + "bias" in f.dense for f in dyn.factors)]
+    assert dropped, "the budget should drop some weight in every expert"
+    ids, mask = _batch(seed=3, lengths=(6, 4, 8))
+    ids = ids.clamp(max=99)
+    weights = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    for top_k in (None, 2):
+        out = dyn(ids, mask, weights=weights, top_k=top_k)
+        w = weights if top_k is None else top_k_weights(weights, top_k)[0]
+        for b in range(3):
+            ref = dyn.materialize(w[b])(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0]
+            torch.testing.assert_close(out.per_sample()[b], ref, atol=TOL, rtol=0)

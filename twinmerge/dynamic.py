@@ -60,7 +60,9 @@ class _Routing:
 
 
 def _stack_factors(factors, name, shape, dtype):
-    """Experts' factors of the 2-D tensor `name` [m, d] as (U*S [n, m, R], V [n, d, R]), zero-padded to R."""
+    """Experts' factors of the 2-D tensor `name` [m, d] as (U*S [n, m, R], V [n, d, R]), zero-padded to R.
+
+    R = 0 when no expert stores the tensor (a budget can drop a weight in every expert and keep its bias)."""
     pairs = []
     for f in factors:
         if name in f.lowrank:
@@ -72,7 +74,7 @@ def _stack_factors(factors, name, shape, dtype):
             pairs.append((d, eye) if shape[1] <= shape[0] else (eye, d.T))
         else:
             pairs.append(None)
-    rank = max(p[0].shape[1] for p in pairs if p is not None)
+    rank = max((p[0].shape[1] for p in pairs if p is not None), default=0)
     us, vs = torch.zeros(len(factors), shape[0], rank, dtype=dtype), torch.zeros(len(factors), shape[1], rank, dtype=dtype)
     for t, p in enumerate(pairs):
         if p is not None:
@@ -113,7 +115,9 @@ class DynamicLinear(nn.Module):
         r, batch = self.routing, x.shape[0]
         y = F.linear(x, self.weight, self.bias)
         x3 = x.reshape(batch, -1, x.shape[-1])
-        if r.idx is None:
+        if self.rank == 0:  # only bias deltas
+            corr = y.new_zeros(batch, x3.shape[1], y.shape[-1])
+        elif r.idx is None:
             h = (x3 @ self.v_cat) * r.rank_weights(self.rank)[:, None]
             corr = h @ self.us_cat
         else:
