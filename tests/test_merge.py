@@ -1,5 +1,6 @@
 """twinmerge.merge: each method equals its formula; options, patterns, heads, dtypes, loading the result."""
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from transformers import AutoModelForSequenceClassification
 
 from twinmerge.errors import CheckpointError, MergeError
 from twinmerge.io import ExpertSet, save_hf_model
-from twinmerge.merge import MERGE_METHODS, build_shared_expert, dare, merge_tensor, resolve_options, ties
+from twinmerge.merge import (MERGE_METHODS, build_shared_expert, dare, dare_drop, magnitude_thresholds, merge_tensor,
+                             resolve_options, ties)
 
 ARCHS = ["tiny_bert", "tiny_roberta"]
 
@@ -71,6 +73,56 @@ def test_ties_density_one_is_sign_consensus_mean():
     torch.testing.assert_close(ties(taus, density=1.0), expected)
 
 
+def test_ties_global_trim_hand_worked_example():
+    """Two tensors a [2 entries], b [3 entries], two tasks, density 0.4 -> k = ceil(0.4 * 5) = 2 per task
+    over the whole model. Task 0 |tau| = a: 4, 1 | b: 3, 0.5, 2 -> threshold 3 keeps a0 and b0.
+    Task 1 |tau| = a: 0.2, 0.1 | b: 5, 1, 6 -> threshold 5 keeps b0 and b2: nothing of a.
+    a: task 0 only -> [4, 0]; b: entry 0: 3 and -5 -> sign -, mean -5; entry 2: task 1 only -> 6.
+    Per-tensor trim (k = 1 of a, k = 2 of b per task) gives a different merge."""
+    a = torch.tensor([[4.0, -1.0], [0.2, 0.1]])
+    b = torch.tensor([[3.0, 0.5, -2.0], [-5.0, 1.0, 6.0]])
+    whole = torch.cat([a, b], dim=1)
+    thresholds = magnitude_thresholds(whole, 0.4)
+    torch.testing.assert_close(thresholds, torch.tensor([3.0, 5.0]))
+    torch.testing.assert_close(ties(a, density=0.4, thresholds=thresholds), torch.tensor([4.0, 0.0]))
+    torch.testing.assert_close(ties(b, density=0.4, thresholds=thresholds), torch.tensor([-5.0, 0.0, 6.0]))
+    torch.testing.assert_close(ties(whole, density=0.4), torch.tensor([4.0, 0.0, -5.0, 0.0, 6.0]))
+    # per tensor: a keeps 4 (task 0) and 0.2 (task 1), both + -> mean 2.1; b keeps {3, -2} and {-5, 6}
+    torch.testing.assert_close(ties(a, density=0.4, trim="per_tensor"), torch.tensor([2.1, 0.0]))
+    torch.testing.assert_close(ties(b, density=0.4, trim="per_tensor"), torch.tensor([-5.0, 0.0, 6.0]))
+
+
+@pytest.mark.parametrize("method,options", [("ties", {"density": 0.3}),
+                                            ("dare", {"drop_rate": 0.5, "base_method": "ties", "density": 0.3})])
+def test_ties_global_trim_on_checkpoints_equals_flattened_model(tiny_bert, method, options):
+    """The streamed global trim equals TIES on the whole flattened task vectors (the official code's way)."""
+    es = ExpertSet(*tiny_bert)
+    state, report = build_shared_expert(es, method, options, progress=False)
+    assert report["options"]["trim"] == "global"
+    keys = es.mergeable_keys()
+    taus = []
+    for t, name in enumerate(es.names):
+        parts = []
+        for key in keys:
+            base = es.base_tensor(key).float()
+            tau = es.expert_tensor(name, key).float() - base
+            if method == "dare":  # replay the per-tensor draw of merge_tensor
+                stacked = torch.stack([es.expert_tensor(n, key).float() - base for n in es.names])
+                gen = torch.Generator().manual_seed((0 + zlib.crc32(key.encode())) % 2**63)
+                tau = dare_drop(stacked, 0.5, gen)[t]
+            parts.append(tau.flatten())
+        taus.append(torch.cat(parts))
+    flat = ties(torch.stack(taus), density=0.3)
+    start = 0
+    for key in keys:
+        n = es.base_tensor(key).numel()
+        expected = es.base_tensor(key).float() + flat[start:start + n].reshape(es.base_tensor(key).shape)
+        torch.testing.assert_close(state[key].float(), expected, rtol=0, atol=1e-6)
+        start += n
+    per_tensor, _ = build_shared_expert(es, method, {**options, "trim": "per_tensor"}, progress=False)
+    assert any(not torch.equal(per_tensor[k], state[k]) for k in keys)
+
+
 def test_dare_rescaling_keeps_expectation():
     taus = torch.randn(3, 20, generator=torch.Generator().manual_seed(1))
     opts = {"drop_rate": 0.5, "base_method": "task_arithmetic", "scaling": 1.0}
@@ -99,7 +151,8 @@ def test_dare_on_checkpoints_reproducible(tiny_bert):
     a, report = build_shared_expert(es, "dare", opts, progress=False)
     b, _ = build_shared_expert(es, "dare", opts, progress=False)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert report["options"] == {"drop_rate": 0.5, "base_method": "ties", "seed": 3, "density": 0.5, "scaling": 1.0}
+    assert report["options"] == {"drop_rate": 0.5, "base_method": "ties", "seed": 3, "density": 0.5, "scaling": 1.0,
+                                 "trim": "global"}
 
 
 @pytest.mark.parametrize("method, options, message", [

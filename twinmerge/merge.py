@@ -2,7 +2,11 @@
 
 Every method maps stacked task vectors `taus: [n, *shape]` (float32) to one merged task vector `[*shape]`.
 They are registered in `MERGE_METHODS`; `build_shared_expert` streams a checkpoint tensor by tensor through one.
-Methods work per tensor (like mergekit), so TIES trims the top-k% of each tensor, not of the whole model.
+Methods work per tensor (like mergekit), except TIES' trim: by default (`trim: global`, as the official TIES
+code, FusionBench and the official Twin-Merging code) each task vector keeps its top-k% magnitudes over the
+WHOLE model, so `build_shared_expert` first finds each task's global magnitude threshold (one pass over the
+tensors per task, memory of one task vector) and then merges tensor by tensor; `trim: per_tensor` keeps the
+top-k% of each tensor (mergekit's choice). The two give different merges.
 """
 import fnmatch
 import math
@@ -28,22 +32,32 @@ def task_arithmetic(taus: torch.Tensor, scaling: float = 0.3) -> torch.Tensor:
     return scaling * taus.sum(dim=0)
 
 
-def ties(taus: torch.Tensor, density: float = 0.2, scaling: float = 1.0) -> torch.Tensor:
+def magnitude_thresholds(flat: torch.Tensor, density: float) -> torch.Tensor:
+    """Per row of flat [n, d]: the k-th largest |value|, k = ceil(density * d) (at least 1). Returns [n]."""
+    d = flat.shape[1]
+    k = min(d, max(1, math.ceil(density * d - 1e-9)))
+    return flat.abs().kthvalue(d - k + 1, dim=1).values
+
+
+def ties(taus: torch.Tensor, density: float = 0.2, scaling: float = 1.0, trim: str = "global",
+         thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint mean, times `scaling`.
 
-    1. Trim: in each tau_t keep the k = ceil(density * numel) entries of largest |value| (entries tied with the
-       k-th largest magnitude are kept too, as in the reference code), zero the rest.
+    1. Trim: in each tau_t keep the entries whose |value| is at least tau_t's threshold, the k-th largest
+       magnitude with k = ceil(density * numel) (entries tied with it are kept too, as in the reference code),
+       zero the rest. `trim="global"`: numel and the k-th largest are over the whole model: `thresholds` [n]
+       (from `global_thresholds`), or computed from `taus` when they are the whole model (thresholds None).
+       `trim="per_tensor"`: over this tensor alone.
     2. Elect: gamma = sign(sum_t trimmed_t) per entry (the sign of larger total mass).
-    3. Disjoint mean: average the nonzero trimmed values whose sign equals gamma; entries with no agreeing
-       expert (gamma = 0 included) become 0.
+    3. Disjoint mean: average the nonzero trimmed values whose sign equals gamma. A vote that sums to exactly
+       0 (gamma = 0) gives 0: this happens where every trimmed value is 0 (then the official code's
+       replacement of zero signs by the majority sign changes nothing either) or on exact cancellation.
     """
     n = taus.shape[0]
     flat = taus.reshape(n, -1)
-    d = flat.shape[1]
-    k = min(d, max(1, math.ceil(density * d - 1e-9)))
-    mags = flat.abs()
-    kth = mags.kthvalue(d - k + 1, dim=1, keepdim=True).values
-    trimmed = flat * (mags >= kth)
+    if trim == "per_tensor" or thresholds is None:
+        thresholds = magnitude_thresholds(flat, density)
+    trimmed = flat * (flat.abs() >= thresholds.reshape(n, 1).to(flat.dtype))
     gamma = torch.sign(trimmed.sum(dim=0))
     agree = (torch.sign(trimmed) == gamma) & (trimmed != 0)
     total = (trimmed * agree).sum(dim=0)
@@ -55,9 +69,13 @@ def dare(taus: torch.Tensor, drop_rate: float = 0.9, base_method: str = "task_ar
          generator: torch.Generator | None = None, **base_options: Any) -> torch.Tensor:
     """DARE (Yu et al. 2024): drop each entry of each tau_t with prob `drop_rate`, rescale survivors by
     1/(1 - drop_rate) (so E[dropped tau] = tau), then merge with `base_method` and its options."""
+    return MERGE_METHODS[base_method].fn(dare_drop(taus, drop_rate, generator), **base_options)
+
+
+def dare_drop(taus: torch.Tensor, drop_rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DARE's random drop and rescale of the stacked taus [n, *shape] (one uniform draw per entry)."""
     keep = torch.rand(taus.shape, generator=generator, dtype=torch.float32) >= drop_rate
-    dropped = taus * keep / (1.0 - drop_rate)
-    return MERGE_METHODS[base_method].fn(dropped, **base_options)
+    return taus * keep / (1.0 - drop_rate)
 
 
 @dataclass(frozen=True)
@@ -83,12 +101,14 @@ def _number(lo: float, hi: float, lo_open: bool, hi_open: bool) -> Callable[[Any
 
 _REAL = (_number(-math.inf, math.inf, True, True), "a finite number")
 _BASES = ("task_arithmetic", "ties", "weight_average")
+TRIMS = ("global", "per_tensor")
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "weight_average": MergeMethod(weight_average, {}),
     "task_arithmetic": MergeMethod(task_arithmetic, {"scaling": 0.3}, {"scaling": _REAL}),
-    "ties": MergeMethod(ties, {"density": 0.2, "scaling": 1.0},
-                        {"density": (_number(0, 1, True, False), "in (0, 1]"), "scaling": _REAL}),
+    "ties": MergeMethod(ties, {"density": 0.2, "scaling": 1.0, "trim": "global"},
+                        {"density": (_number(0, 1, True, False), "in (0, 1]"), "scaling": _REAL,
+                         "trim": (lambda v: v in TRIMS, f"one of {', '.join(TRIMS)}")}),
     "dare": MergeMethod(dare, {"drop_rate": 0.9, "base_method": "task_arithmetic", "seed": 0},
                         {"drop_rate": (_number(0, 1, False, True), "in [0, 1)"),
                          "base_method": (lambda v: v in _BASES, f"one of {', '.join(_BASES)}"),
@@ -123,19 +143,54 @@ def resolve_options(method: str, options: Mapping[str, Any] | None = None) -> di
     return out
 
 
-def merge_tensor(method: str, options: Mapping[str, Any] | None, taus: torch.Tensor, name: str) -> torch.Tensor:
+def _tensor_generator(opts: Mapping[str, Any], name: str) -> torch.Generator:
+    """Generator of a random method for tensor `name`: seed (seed + crc32(name)) mod 2**63."""
+    return torch.Generator().manual_seed((opts["seed"] + zlib.crc32(name.encode())) % 2**63)
+
+
+def merge_tensor(method: str, options: Mapping[str, Any] | None, taus: torch.Tensor, name: str,
+                 thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """Merge the task vectors `taus [n, *shape]` of tensor `name` into one `[*shape]` float32 tensor.
 
     Random methods get a generator seeded with (seed + crc32(name)) mod 2**63: deterministic per tensor,
-    independent of the order tensors are processed in.
+    independent of the order tensors are processed in. `thresholds` [n]: TIES' global trim thresholds
+    (`global_thresholds`); without them a global trim treats `taus` as the whole model.
     """
     opts = resolve_options(method, options)
     spec = MERGE_METHODS[method]
     taus = taus.to(torch.float32)
+    extra = {} if thresholds is None else {"thresholds": thresholds}
     if spec.random:
-        seed = (opts.pop("seed") + zlib.crc32(name.encode())) % 2**63
-        return spec.fn(taus, generator=torch.Generator().manual_seed(seed), **opts)
-    return spec.fn(taus, **opts)
+        generator = _tensor_generator(opts, name)
+        opts.pop("seed")
+        return spec.fn(taus, generator=generator, **opts, **extra)
+    return spec.fn(taus, **opts, **extra)
+
+
+def _uses_global_trim(method: str, opts: Mapping[str, Any]) -> bool:
+    base = opts.get("base_method") if method == "dare" else method
+    return base == "ties" and opts["trim"] == "global"
+
+
+def global_thresholds(experts: ExpertSet, keys: list[str], method: str, opts: Mapping[str, Any],
+                      progress: bool = True) -> torch.Tensor:
+    """TIES' global trim thresholds [n]: per task t, the k-th largest |tau_t| over all `keys` together,
+    k = ceil(density * total entries), where tau_t is the task vector as the trim sees it (after DARE's drop
+    when TIES is DARE's base method: the same per-tensor draws are replayed). One pass per task: memory of one
+    task vector (float32), not n."""
+    out = []
+    for t, name in enumerate(tqdm(experts.names, desc="TIES global trim", disable=not progress)):
+        parts = []
+        for key in keys:
+            base32 = experts.base_tensor(key).to(torch.float32)
+            tau = experts.expert_tensor(name, key).to(torch.float32) - base32
+            if method == "dare":  # the same draw as merging the stacked taus: row t of it
+                stacked = torch.zeros(len(experts.names), *tau.shape)
+                stacked[t] = tau
+                tau = dare_drop(stacked, opts["drop_rate"], _tensor_generator(opts, key))[t]
+            parts.append(tau.abs().flatten())
+        out.append(magnitude_thresholds(torch.cat(parts)[None], opts["density"])[0])
+    return torch.stack(out)
 
 
 def build_shared_expert(experts: ExpertSet, method: str, options: Mapping[str, Any] | None = None,
@@ -155,6 +210,9 @@ def build_shared_expert(experts: ExpertSet, method: str, options: Mapping[str, A
     for pattern in include + exclude:
         if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
             raise MergeError(f"pattern {pattern!r} matches no mergeable tensor")
+    merged = [k for k in keys if k in selected]
+    thresholds = global_thresholds(experts, merged, method, opts, progress) if _uses_global_trim(method, opts) \
+        else None
     state: dict[str, torch.Tensor] = {}
     for key in tqdm(keys, desc=f"merge ({method})", unit="tensor", disable=not progress):
         base = experts.base_tensor(key)
@@ -163,8 +221,8 @@ def build_shared_expert(experts: ExpertSet, method: str, options: Mapping[str, A
             continue
         base32 = base.to(torch.float32)
         taus = torch.stack([experts.expert_tensor(n, key).to(torch.float32) - base32 for n in experts.names])
-        state[key] = (base32 + merge_tensor(method, opts, taus, key)).to(base.dtype)
+        state[key] = (base32 + merge_tensor(method, opts, taus, key, thresholds)).to(base.dtype)
     report = {"method": method, "options": opts, "experts": list(experts.names),
-              "merged": [k for k in keys if k in selected], "kept": [k for k in keys if k not in selected],
+              "merged": merged, "kept": [k for k in keys if k not in selected],
               "heads": experts.head_keys()}
     return state, report
