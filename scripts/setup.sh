@@ -24,4 +24,8 @@ if [ "$installed" = 0 ]; then
   "$python" -m pip install -q -e "$root"
   "$python" "$root/scripts/install_state.py" "$root" record
 fi
+# console scripts (`twinmerge`, `dvc`) of this environment first on PATH: pyenv shims or a user install may not
+# expose a freshly installed script, and dvc.yaml runs `twinmerge <step>` through the shell
+PATH="$("$python" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
 git -C "$root" rev-parse --git-dir >/dev/null 2>&1 && (cd "$root" && dvc config --local core.analytics false 2>/dev/null || true)

@@ -10,7 +10,8 @@ def bundle(params: Params, out_dir="artifacts/twin", shared_dir="artifacts/share
            factors_dir="artifacts/exclusive", router_dir="artifacts/router") -> Path:
     files = {n: Path(factors_dir) / f"{n}.safetensors" for n in params.experts}
     tasks = {n: spec.task for n, spec in params.experts.items()}
-    return write_bundle(out_dir, shared_dir, files, router_dir, tasks, params.evaluate.max_length)
+    e = params.evaluate
+    return write_bundle(out_dir, shared_dir, files, router_dir, tasks, e.max_length, e.temperature, e.top_k)
 
 
 def add_arguments(parser) -> None:

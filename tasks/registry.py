@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tasks.download import (_checkpoint_files, check_head_labels, check_task_files, fetch_hub, resolve_base,
                             sha256_file)
-from tasks.params import HubSource, Params, ParamsError, load_params
+from tasks.params import ExpertSpec, HubSource, Params, ParamsError, load_params
 from twinmerge.errors import CheckpointError, SourceError, TwinMergeError
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,6 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
                params_path: str | Path = "params.yaml", replace: bool = False, api=None,
                snapshot_download=None) -> dict:
     """Validate, then register one expert in params.yaml. Returns the experts entry written."""
-    from twinmerge.metrics import METRICS
-
     if (path is None) == (repo_id is None):
         raise ParamsError("expert add: give exactly one of --path FOLDER or --repo-id REPO")
     if not name.replace("_", "").replace("-", "").isalnum():
@@ -219,8 +217,10 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
     params = load_params(params_path)
     if name in params.experts and not replace:
         raise ParamsError(f"{params_path}: experts: '{name}' is already registered (use --replace)")
-    if metric not in METRICS:
-        raise ParamsError(f"expert add: unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    try:
+        ExpertSpec._classification_metric(metric)  # the params schema's rule (regression metrics refused)
+    except ValueError as exc:
+        raise ParamsError(f"expert add: --metric: {exc}") from None
     check_task_files(data)
     base = base_folder(params)
     hub = None

@@ -3,30 +3,17 @@
 Plots: normalised score per task per method (grouped bars), the router's confusion matrix on the test
 splits, and storage (bytes kept beside the shared model) against mean normalised score.
 """
+import json
 import os
 import tempfile
 from pathlib import Path
 
-import json
-
 from twinmerge.io import write_text_atomic
 
-METHOD_LABELS = {
-    "experts": "Individual experts (upper bound)",
-    "base_heads": "Base model + expert heads",
-    "shared": "Shared expert alone (task heads)",
-    "weight_average": "Weight averaging",
-    "task_arithmetic": "Task Arithmetic",
-    "ties": "TIES",
-    "dare": "DARE",
-    "twin_router": "**Twin-Merging, router-chosen heads**",
-    "twin_oracle": "Twin-Merging, oracle task heads (paper protocol)",
-    "twin_true_routing": "Twin-Merging, true-task routing (diagnostic)",
-}
-
-
-def _label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+def _label(name: str, method: dict) -> str:
+    """The row's label from metrics.json; the headline row (no task id at inference) in bold."""
+    label = method.get("label", name)
+    return f"**{label}**" if name == "twin_router" else label
 
 
 def _fmt(x) -> str:
@@ -42,18 +29,18 @@ def markdown_report(metrics: dict, history_section: str = "") -> str:
              "| method | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
     for name, m in methods.items():
         cells = [_fmt(m["normalized"].get(t)) for t in tasks]
-        lines.append(f"| {_label(name)} | " + " | ".join(cells) + f" | {_fmt(m['mean_normalized'])} |")
+        lines.append(f"| {_label(name, m)} | " + " | ".join(cells) + f" | {_fmt(m['mean_normalized'])} |")
     lines += ["", "Raw test scores (x100; metric per task: "
               + ", ".join(f"{t}: {metrics['metric'][t]}" for t in tasks) + ")", "",
               "| method | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
     for name, m in methods.items():
         cells = [_fmt(m["scores"].get(t)) for t in tasks]
-        lines.append(f"| {_label(name)} | " + " | ".join(cells) + f" | {_fmt(m['mean_score'])} |")
+        lines.append(f"| {_label(name, m)} | " + " | ".join(cells) + f" | {_fmt(m['mean_score'])} |")
     if metrics.get("choices"):
         lines += ["", "Baseline options chosen on validation data:", ""]
         for name, choice in metrics["choices"].items():
             opts = ", ".join(f"{k}={v}" for k, v in choice["options"].items())
-            lines.append(f"- {_label(name)}: {opts} (validation mean normalised "
+            lines.append(f"- {_label(name, methods[name])}: {opts} (validation mean normalised "
                          f"{choice['validation_mean_normalized']:.1f})")
     routing = metrics.get("routing")
     if routing:
@@ -93,7 +80,7 @@ def plot_all(metrics: dict, out_dir: Path) -> None:
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         vals = [methods[name]["normalized"].get(t) or 0.0 for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=_label(name).strip("*"))
+        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=_label(name, methods[name]).strip("*"))
     ax.axhline(100, color="k", lw=0.8, ls="--")
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks)
     ax.set_ylabel("normalised score")

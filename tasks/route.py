@@ -1,8 +1,10 @@
 """Step `router`: router features of the validation splits (shared expert's hidden states, pooled), router
 fit with early stopping on a held-out part of the validation data -> `artifacts/router/`.
 
-The test splits are never read here. `artifacts/router/report.json` holds the holdout routing accuracy,
-overall and per task, and the confusion matrix.
+The test splits are never read here. The router folder carries its feature recipe (layers, pooling,
+max_length, tokenizer, sha256 of the shared model's weights; see `twinmerge.router`), so consumers never read
+params.router. `artifacts/router/report.json` holds the holdout routing accuracy, overall and per task, and the
+confusion matrix.
 """
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from transformers import AutoModel, AutoTokenizer
 from tasks.params import Params, load_params
 from tasks.taskdata import load_registry_split
 from twinmerge.errors import TwinMergeError
-from twinmerge.io import write_json_atomic
+from twinmerge.io import SAFETENSORS, sha256_file, write_json_atomic
 from twinmerge.router import RouterConfig, extract_features, save_router, train_router
 
 
@@ -21,17 +23,8 @@ def router_config(params: Params, in_dim: int) -> RouterConfig:
     return RouterConfig(in_dim=in_dim, n_experts=len(params.experts), hidden_mult=r.hidden_mult, depth=r.depth,
                         dropout=r.dropout, lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs,
                         batch_size=r.batch_size, patience=r.patience, holdout_fraction=r.holdout_fraction,
-                        seed=params.seed, temperature=r.temperature, top_k=r.top_k, layers=list(r.layers),
-                        pooling=r.pooling, refit=r.refit)
-
-
-def shared_features(params: Params, shared_dir: str | Path, texts: list[str], progress: bool = True) -> torch.Tensor:
-    """Router features [N, D] of texts under the shared expert, as configured in params.router."""
-    torch.manual_seed(params.seed)
-    model = AutoModel.from_pretrained(shared_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(shared_dir)
-    return extract_features(model, tokenizer, texts, layers=tuple(params.router.layers),
-                            pooling=params.router.pooling, max_length=params.router.max_length, progress=progress)
+                        seed=params.seed, layers=list(r.layers), pooling=r.pooling, max_length=r.max_length,
+                        refit=r.refit)
 
 
 def fit_router(params: Params, shared_dir: str | Path = "artifacts/shared", out_dir: str | Path = "artifacts/router",
@@ -42,10 +35,14 @@ def fit_router(params: Params, shared_dir: str | Path = "artifacts/shared", out_
     splits = load_registry_split(params, "validation")
     texts = [t for name in names for t in splits[name][0]]
     labels = torch.tensor([i for i, name in enumerate(names) for _ in splits[name][0]])
-    features = shared_features(params, shared_dir, texts, progress)
+    model = AutoModel.from_pretrained(shared_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(shared_dir)
+    r = params.router
+    features = extract_features(model, tokenizer, texts, layers=tuple(r.layers), pooling=r.pooling,
+                                max_length=r.max_length, progress=progress)
     config = router_config(params, features.shape[1])
     router, report = train_router(features, labels, config, progress=progress)
-    save_router(router, config, out_dir)
+    save_router(router, config, out_dir, tokenizer, sha256_file(Path(shared_dir) / SAFETENSORS))
     summary = {"experts": names, "holdout_accuracy": report.holdout_accuracy,
                "per_task": dict(zip(names, report.per_class_accuracy)), "confusion": report.confusion,
                "epochs_run": report.epochs_run, "best_epoch": report.best_epoch, "n_fit": report.n_fit,

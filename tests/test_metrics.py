@@ -61,3 +61,46 @@ def test_normalized_score():
         score("bleu", [1], [1])
     with pytest.raises(TwinMergeError, match="same length"):
         score("accuracy", [1, 2], [1])
+
+
+def test_input_answered_by_another_tasks_head_is_wrong():
+    """Task 1's inputs: the first two answered by task 1's head, the last two by task 0's head. Index 1 is
+    the gold label of all four and every head outputs index 1, yet only the first two are correct."""
+    from twinmerge.metrics import NO_LABEL, answered_predictions
+
+    logits = torch.tensor([[0.1, 2.0], [0.3, 0.9], [0.0, 5.0], [1.0, 3.0]])
+    heads = torch.tensor([1, 1, 0, 0])
+    preds = answered_predictions(logits, heads, task_index=1)
+    assert preds.tolist() == [1, 1, NO_LABEL, NO_LABEL]
+    assert score("accuracy", preds, [1, 1, 1, 1]) == 0.5
+    assert answered_predictions(logits, None, 1).tolist() == [1, 1, 1, 1]
+
+
+def test_router_heads_never_beat_oracle_heads_on_accuracy():
+    """Same routing weights: a correctly routed input uses the same head under both protocols, a misrouted one
+    is wrong under router heads. So per task, router-head accuracy <= oracle-head accuracy."""
+    from twinmerge.metrics import answered_predictions
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n, task = 60, 2
+        oracle_logits = torch.randn(n, 4, generator=g)
+        routed = torch.randint(0, 4, (n,), generator=g)
+        # a misrouted input's logits come from another head; a correctly routed one's are the oracle ones
+        other = torch.randn(n, 4, generator=g)
+        router_logits = torch.where((routed == task)[:, None], oracle_logits, other)
+        labels = torch.randint(0, 4, (n,), generator=g).tolist()
+        strict = score("accuracy", answered_predictions(router_logits, routed, task), labels)
+        oracle = score("accuracy", answered_predictions(oracle_logits, torch.full((n,), task), task), labels)
+        assert strict <= oracle
+
+
+@pytest.mark.parametrize("metric", ["pearson", "spearman", "pearson_spearman"])
+def test_regression_metrics_are_refused_for_experts(metric, tmp_path):
+    """A regression expert would be scored by argmax over one logit (NaN correlations): refused up front."""
+    from tasks.params import ParamsError, load_params
+
+    (tmp_path / "params.yaml").write_text(
+        "base: {path: b}\nexperts:\n  sts: {path: e, task: sts, data: d, metric: %s}\n" % metric)
+    with pytest.raises(ParamsError, match=f"experts.sts.metric: .*{metric} is a regression metric"):
+        load_params(tmp_path / "params.yaml")

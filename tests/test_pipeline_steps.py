@@ -130,6 +130,36 @@ def test_metrics_cover_every_method_and_task(ran):
     assert 0 < metrics["storage"]["exclusive_ratio"] < 1
 
 
+def test_twin_router_score_is_what_a_user_of_the_bundle_gets(ran, project):
+    """twin_router per task = share of the task's test inputs that the bundle routes to the task's own expert
+    AND labels with the gold label (an input routed elsewhere gets another task's label: wrong); it never
+    exceeds twin_oracle; each row says whether it uses the task id."""
+    params, metrics, _ = ran
+    bundle = TwinBundle.load(project / "artifacts/twin")
+    for name, spec in params.experts.items():
+        table = pd.read_parquet(Path(spec.data) / "test.parquet")
+        preds = bundle.predict(table["text"].tolist())
+        correct = [p["expert"] == name and bundle.labels[name].index(p["label"]) == gold
+                   for p, gold in zip(preds, table["label"])]
+        assert metrics["methods"]["twin_router"]["scores"][name] == pytest.approx(100 * sum(correct) / len(correct))
+        assert metrics["methods"]["twin_router"]["scores"][name] <= metrics["methods"]["twin_oracle"]["scores"][name]
+    assert metrics["methods"]["twin_router"]["uses_task_id"] is False
+    assert all(row["uses_task_id"] for m, row in metrics["methods"].items() if m != "twin_router")
+    assert "gold task's head" in metrics["methods"]["twin_oracle"]["label"]
+
+
+def test_storage_counts_every_head_once(ran, project):
+    """Twin rows store the shared backbone, the experts' factors (heads excluded) and each head once."""
+    params, metrics, _ = ran
+    storage = metrics["storage"]
+    stats = [json.loads((project / f"artifacts/exclusive/{n}.stats.json").read_text())["totals"]
+             for n in params.experts]
+    heads = sum(s["head_bytes"] for s in stats)
+    assert storage["head_bytes"] == heads
+    backbone = storage["bytes_by_method"]["shared"] - heads
+    assert storage["bytes_by_method"]["twin_router"] == backbone + sum(s["exclusive_bytes"] for s in stats) + heads
+
+
 def test_router_learns_vocabulary_slices(ran):
     _, metrics, summary = ran
     assert summary["holdout_accuracy"] >= 0.9
@@ -138,7 +168,8 @@ def test_router_learns_vocabulary_slices(ran):
 
 def test_report_has_table_and_plots(ran, project):
     text = (project / "artifacts/report/report.md").read_text()
-    assert "Twin-Merging, router-chosen heads" in text and "| method | alpha | beta | gamma | mean |" in text
+    assert "**Twin-Merging, router weights and router-chosen head (no task id)**" in text
+    assert "| method | alpha | beta | gamma | mean |" in text
     for png in ("normalized_scores.png", "routing_confusion.png", "storage_vs_score.png"):
         assert (project / "artifacts/report" / png).stat().st_size > 1000
 

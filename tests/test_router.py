@@ -67,16 +67,47 @@ def test_stratified_split_is_seeded_and_disjoint():
     assert torch.equal(hold, stratified_split(y, 0.2, 3)[1])
 
 
+def _tokenizer(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    return BertTokenizer(str(folder / "vocab.txt"))
+
+
 def test_save_load_round_trip(tmp_path):
     x, y = _clusters(n=120)
-    config = RouterConfig(in_dim=16, n_experts=4, epochs=3, top_k=2, layers=[-2, -1], pooling="mean_max")
+    config = RouterConfig(in_dim=16, n_experts=4, epochs=3, layers=[-2, -1], pooling="mean_max", max_length=12)
     router, _ = train_router(x, y, config, progress=False)
-    save_router(router, config, tmp_path / "router")
-    loaded, loaded_config = load_router(tmp_path / "router")
-    assert loaded_config == config
-    assert torch.equal(route(loaded, x, 0.5, 2), route(router, x, 0.5, 2))
+    save_router(router, config, tmp_path / "router", _tokenizer(tmp_path / "tok"), "ab" * 32)
+    saved = load_router(tmp_path / "router")
+    assert saved.config == config and saved.feature_model_sha256 == "ab" * 32
+    assert torch.equal(route(saved.router, x, 0.5, 2), route(router, x, 0.5, 2))
     with pytest.raises(CheckpointError):
         load_router(tmp_path / "missing")
+
+
+def test_saved_router_carries_its_feature_recipe(encoder, tmp_path):
+    """Features come from the router's own layers, pooling, max_length and tokenizer, whatever the consumer's
+    settings; another feature model than the one trained on is refused in one line."""
+    from safetensors.torch import save_file
+
+    tokenizer = _tokenizer(tmp_path / "tok")
+    texts = ["the cat sat on the mat the big red dog sat on a mat", "a dog"]
+    config = RouterConfig(in_dim=2 * 16, n_experts=2, epochs=1, layers=[1, -1], pooling="mean", max_length=5)
+    x = extract_features(encoder, tokenizer, texts * 4, layers=(1, -1), max_length=5, progress=False)
+    router, _ = train_router(x, torch.tensor([0, 1] * 4), config, progress=False)
+    save_file({"w": torch.ones(2)}, tmp_path / "feature.safetensors")
+    from twinmerge.io import sha256_file
+
+    save_router(router, config, tmp_path / "router", tokenizer, sha256_file(tmp_path / "feature.safetensors"))
+    saved = load_router(tmp_path / "router")
+    expected = extract_features(encoder, tokenizer, texts, layers=(1, -1), max_length=5, progress=False)
+    torch.testing.assert_close(saved.features(encoder, texts, progress=False), expected)
+    longer = extract_features(encoder, tokenizer, texts, layers=(1, -1), max_length=32, progress=False)
+    assert not torch.allclose(expected, longer)  # truncation matters: the recipe's max_length is used
+    saved.check_feature_model(tmp_path / "feature.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="router.json: trained on features of a model with sha256"):
+        saved.check_feature_model(tmp_path / "other.safetensors")
 
 
 def test_route_temperature_and_top_k():

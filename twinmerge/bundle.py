@@ -2,9 +2,13 @@
 
 Layout (`twinmerge-bundle/1`):
     twin.json                      experts (order = routing column), their tasks and label names, routing options
+                                   (temperature, top_k) and the classification max_length
     shared/                        the shared expert (HF backbone folder + tokenizer, see `twinmerge.shared`)
     exclusive/<expert>.safetensors each expert's SVD factors and its own head (see docs/DESIGN.md)
-    router/                        router weights + router.json
+    router/                        router weights + router.json (with its feature recipe) + tokenizer/
+
+Router features follow the router's own recipe (`twinmerge.router.SavedRouter`), checked at load against the
+bundle's shared model.
 
     >>> bundle = TwinBundle.load("artifacts/twin")
     >>> bundle.predict(["a gripping, beautifully shot film"])[0]["task"]
@@ -20,16 +24,16 @@ from transformers import AutoTokenizer
 from twinmerge.dynamic import DynamicTwinModel
 from twinmerge.errors import CheckpointError
 from twinmerge.exclusive import load_factors
-from twinmerge.io import atomic_dir
+from twinmerge.io import SAFETENSORS, atomic_dir
 from twinmerge.modelpool import assemble_classifier, config_from_dict, map_batches
-from twinmerge.router import extract_features, load_router, route
+from twinmerge.router import SavedRouter, load_router, route
 from twinmerge.shared import load_shared
 
-BUNDLE_FORMAT = "twinmerge-bundle/1"
+BUNDLE_FORMAT = "twinmerge-bundle/2"
 
 
 def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict[str, Path], router_dir: str | Path,
-                 tasks: dict[str, str], max_length: int) -> Path:
+                 tasks: dict[str, str], max_length: int, temperature: float = 1.0, top_k: int | None = None) -> Path:
     """Copy the pipeline's outputs into one bundle folder, atomically (temp folder, then rename)."""
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(shared_dir, tmp / "shared")
@@ -41,7 +45,7 @@ def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict
             config = config_from_dict(load_factors(path).config)
             labels[name] = [str(config.id2label[i]) for i in range(config.num_labels)]
         meta = {"format": BUNDLE_FORMAT, "experts": list(factor_files), "tasks": tasks, "labels": labels,
-                "max_length": max_length}
+                "max_length": max_length, "temperature": temperature, "top_k": top_k}
         (tmp / "twin.json").write_text(json.dumps(meta, indent=2))
     return Path(out_dir)
 
@@ -53,10 +57,11 @@ class TwinBundle:
     labels: dict[str, list[str]]
     tokenizer: object
     feature_model: torch.nn.Module
-    router: torch.nn.Module
-    router_config: object
+    router: SavedRouter
     dynamic: DynamicTwinModel
     max_length: int
+    temperature: float
+    top_k: int | None
 
     @classmethod
     def load(cls, folder: str | Path) -> "TwinBundle":
@@ -72,19 +77,17 @@ class TwinBundle:
         head = factors[0].head
         feature_model = assemble_classifier(factors[0].config, {**shared, **head})
         dynamic = DynamicTwinModel(assemble_classifier(factors[0].config, {**shared, **head}), factors)
-        router, router_config = load_router(folder / "router")
+        router = load_router(folder / "router")
+        router.check_feature_model(folder / "shared" / SAFETENSORS)
         tokenizer = AutoTokenizer.from_pretrained(folder / "shared")
-        return cls(meta["experts"], meta["tasks"], meta["labels"], tokenizer, feature_model, router, router_config,
-                   dynamic, meta["max_length"])
+        return cls(meta["experts"], meta["tasks"], meta["labels"], tokenizer, feature_model, router, dynamic,
+                   meta["max_length"], meta["temperature"], meta["top_k"])
 
     @torch.inference_mode()
     def predict(self, texts: list[str], batch_size: int = 32, top_k: int | None = None) -> list[dict]:
         """Per text: routed expert and task (argmax), routing weights, predicted label and its probability."""
-        cfg = self.router_config
-        features = extract_features(self.feature_model, self.tokenizer, texts, layers=tuple(cfg.layers),
-                                    pooling=cfg.pooling, batch_size=batch_size, max_length=self.max_length,
-                                    progress=False)
-        weights = route(self.router, features, cfg.temperature, top_k if top_k is not None else cfg.top_k)
+        features = self.router.features(self.feature_model, texts, batch_size=batch_size, progress=False)
+        weights = route(self.router.router, features, self.temperature, top_k if top_k is not None else self.top_k)
         logits = map_batches(lambda idx, enc: self.dynamic(**enc, weights=weights[torch.tensor(idx)]).logits,
                              self.tokenizer, texts, batch_size, self.max_length)
         out = []

@@ -8,6 +8,7 @@ A checkpoint folder holds `config.json` and either `model.safetensors` or a shar
 Canonical tensor names are the experts' names (see docs/DESIGN.md "Tensor names").
 """
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
@@ -340,6 +341,15 @@ def atomic_dir(folder: str | Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path,

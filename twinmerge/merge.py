@@ -80,12 +80,14 @@ def dare_drop(taus: torch.Tensor, drop_rate: float, generator: torch.Generator |
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method: `fn(taus [n, *shape], **options) -> [*shape]`.
+    """A registered merge method: `fn(taus [n, *shape], **options) -> [*shape]`, its human label and paper.
 
     `checks` maps each option name to (predicate, description of valid values). Random methods take a
     `generator` argument and a `seed` option; `merge_tensor` derives a per-tensor generator from them.
     """
     fn: Callable[..., torch.Tensor]
+    label: str
+    reference: str
     defaults: dict[str, Any]
     checks: dict[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
     random: bool = False
@@ -104,12 +106,18 @@ _BASES = ("task_arithmetic", "ties", "weight_average")
 TRIMS = ("global", "per_tensor")
 
 MERGE_METHODS: dict[str, MergeMethod] = {
-    "weight_average": MergeMethod(weight_average, {}),
-    "task_arithmetic": MergeMethod(task_arithmetic, {"scaling": 0.3}, {"scaling": _REAL}),
-    "ties": MergeMethod(ties, {"density": 0.2, "scaling": 1.0, "trim": "global"},
+    "weight_average": MergeMethod(weight_average, "Weight averaging",
+                                  "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", {}),
+    "task_arithmetic": MergeMethod(task_arithmetic, "Task Arithmetic",
+                                   "Ilharco et al., Editing models with task arithmetic, ICLR 2023 (arXiv 2212.04089)",
+                                   {"scaling": 0.3}, {"scaling": _REAL}),
+    "ties": MergeMethod(ties, "TIES-Merging",
+                        "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
+                        {"density": 0.2, "scaling": 1.0, "trim": "global"},
                         {"density": (_number(0, 1, True, False), "in (0, 1]"), "scaling": _REAL,
                          "trim": (lambda v: v in TRIMS, f"one of {', '.join(TRIMS)}")}),
-    "dare": MergeMethod(dare, {"drop_rate": 0.9, "base_method": "task_arithmetic", "seed": 0},
+    "dare": MergeMethod(dare, "DARE", "Yu et al., Language models are Super Mario, ICML 2024 (arXiv 2311.03099)",
+                        {"drop_rate": 0.9, "base_method": "task_arithmetic", "seed": 0},
                         {"drop_rate": (_number(0, 1, False, True), "in [0, 1)"),
                          "base_method": (lambda v: v in _BASES, f"one of {', '.join(_BASES)}"),
                          "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,

@@ -95,6 +95,22 @@ METRICS = {f.__name__: f for f in (accuracy, macro_f1, binary_f1, matthews_corrc
                                    pearson_spearman)}
 
 
+NO_LABEL = -1  # the prediction of an input that another task's head answered
+
+
+def answered_predictions(logits, heads, task_index):
+    """Class predictions of task `task_index`'s inputs as the user receives them: argmax of logits [N, C]
+    where the input's own head answered (heads [N] == task_index), NO_LABEL where another task's head did
+    (a label from another task's label set is always wrong, whatever its index). heads None: all own."""
+    preds = logits.argmax(1)
+    if heads is None:
+        return preds
+    return preds.masked_fill(heads.to(preds.device) != task_index, NO_LABEL)
+
+
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "binary_f1", "matthews_corrcoef", "acc_f1")
+
+
 def score(task_metric_name, preds, labels):
     """METRICS[task_metric_name](preds, labels)."""
     if task_metric_name not in METRICS:

@@ -9,7 +9,13 @@ Training uses VALIDATION data only: a seeded stratified fit/holdout split, AdamW
 stopping on holdout accuracy (ties: lower loss), best state restored; optionally (`refit`) a fresh router is
 then trained on all the validation data for the best epoch count.
 Routing weights: softmax(logits / T); with top_k the k largest are kept and renormalised to sum 1
-(`twinmerge.dynamic.top_k_weights`, the same rule the dynamic model applies).
+(`twinmerge.dynamic.top_k_weights`, the same rule the dynamic model applies). T and top_k are inference
+options of the consumer (evaluation, bundle), not part of the router.
+
+A saved router describes its own features (format `twinmerge-router/2`): router.json holds the layers,
+pooling and max_length, the sha256 of the feature model's weights (the shared expert it was trained on), and
+`tokenizer/` the tokenizer; `router_features` computes features from that recipe only, and
+`check_feature_model` refuses a feature model other than the one the router was trained on.
 """
 import json
 from dataclasses import asdict, dataclass, field
@@ -24,10 +30,11 @@ from tqdm.auto import tqdm
 
 from twinmerge.dynamic import top_k_weights
 from twinmerge.errors import CheckpointError, TwinMergeError
-from twinmerge.io import save_safetensors_atomic, write_json_atomic
+from twinmerge.io import atomic_dir, save_safetensors_atomic, sha256_file, write_json_atomic
 
 POOLINGS = ("mean", "cls", "max", "mean_max")
-ROUTER_FORMAT = "twinmerge-router/1"
+ROUTER_FORMAT = "twinmerge-router/2"
+TOKENIZER_DIR = "tokenizer"
 
 
 def features_from_batch(hidden_states, attention_mask, layers=(-1,), pooling="mean"):
@@ -92,10 +99,9 @@ class RouterConfig:
     patience: int = 10
     holdout_fraction: float = 0.2
     seed: int = 0
-    temperature: float = 1.0
-    top_k: int | None = None
-    layers: list[int] = field(default_factory=lambda: [-1])
-    pooling: str = "mean"
+    layers: list[int] = field(default_factory=lambda: [-1])  # feature recipe: hidden-state layers,
+    pooling: str = "mean"                                       # their pooling,
+    max_length: int = 128                                       # and the tokenizer's truncation length
     refit: bool = False  # after early stopping, retrain on all validation data for the best epoch count
 
     @classmethod
@@ -236,25 +242,59 @@ def route(router, features, temperature=1.0, top_k=None):
     return weights if top_k is None or top_k >= weights.shape[1] else top_k_weights(weights, top_k)[0]
 
 
-def save_router(router, config: RouterConfig, folder):
-    """Write `folder`/model.safetensors (weights + standardisation buffers) and router.json, atomically."""
+def save_router(router, config: RouterConfig, folder, tokenizer, feature_model_sha256: str):
+    """Write `folder`/model.safetensors (weights + standardisation buffers), router.json (config, feature
+    model hash) and `folder`/tokenizer/, each file atomically."""
     folder = Path(folder)
     save_safetensors_atomic(router.state_dict(), folder / "model.safetensors", {"format": ROUTER_FORMAT})
-    write_json_atomic({"format": ROUTER_FORMAT, "config": asdict(config)}, folder / "router.json")
+    with atomic_dir(folder / TOKENIZER_DIR) as tmp:
+        tokenizer.save_pretrained(tmp)
+    write_json_atomic({"format": ROUTER_FORMAT, "config": asdict(config),
+                       "feature_model_sha256": feature_model_sha256}, folder / "router.json")
     return folder
 
 
-def load_router(folder):
-    """(Router in eval mode, RouterConfig) from a folder written by save_router."""
+@dataclass
+class SavedRouter:
+    """A loaded router folder: the MLP (eval mode), its config (incl. the feature recipe), its tokenizer and
+    the sha256 of the feature model it was trained on."""
+
+    router: Router
+    config: RouterConfig
+    tokenizer: object
+    feature_model_sha256: str
+    folder: Path
+
+    def check_feature_model(self, weights_file: str | Path) -> None:
+        """CheckpointError unless `weights_file` (the feature model's safetensors) is the one trained on."""
+        actual = sha256_file(weights_file)
+        if actual != self.feature_model_sha256:
+            raise CheckpointError(f"{self.folder}/router.json: trained on features of a model with sha256 "
+                                  f"{self.feature_model_sha256[:12]}..., but {weights_file} has {actual[:12]}...")
+
+    def features(self, feature_model, texts, batch_size=64, progress=True):
+        """Router features [N, D] of texts under `feature_model`, with the saved recipe and tokenizer."""
+        c = self.config
+        return extract_features(feature_model, self.tokenizer, texts, layers=tuple(c.layers), pooling=c.pooling,
+                                batch_size=batch_size, max_length=c.max_length, progress=progress)
+
+
+def load_router(folder) -> SavedRouter:
+    """The router saved in `folder` by save_router (CheckpointError, one line, if it is not one)."""
+    from transformers import AutoTokenizer
+
     folder = Path(folder)
     try:
         meta = json.loads((folder / "router.json").read_text())
+        if meta.get("format") != ROUTER_FORMAT:
+            raise CheckpointError(f"{folder}/router.json: format {meta.get('format')!r}, expected {ROUTER_FORMAT}")
         config = RouterConfig.from_dict(meta["config"])
         state = load_file(folder / "model.safetensors")
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise CheckpointError(f"{folder}: not a router folder ({exc})") from None
-    if meta.get("format") != ROUTER_FORMAT:
-        raise CheckpointError(f"{folder}/router.json: format {meta.get('format')!r}, expected {ROUTER_FORMAT}")
-    router = Router(config)
-    router.load_state_dict(state, strict=True)
-    return router.eval(), config
+        tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
+        router = Router(config)
+        router.load_state_dict(state, strict=True)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"{folder}: not a router folder ({str(exc).splitlines()[0]})") from None
+    return SavedRouter(router.eval(), config, tokenizer, meta["feature_model_sha256"], folder)
