@@ -4,8 +4,10 @@
   safetensors/json/tokenizer files only, pinned to the resolved commit, retried with backoff.
 - `resolve_base(params)`: the base model folder (installed package found with importlib, local path, or Hub).
 - `download_expert(name, folder, base, out_dir)`: validate against the base (architecture, tensor names,
-  shapes, dtypes, finite values) and the head against the task's labels.json before anything is written, then
-  copy into `out_dir` with a manifest; `copy_task_data` copies the expert's task tables beside it.
+  shapes, dtypes, finite values), the task tables (`check_task_files`: columns, dtypes, non-empty splits, label
+  range) and the head against the task's labels.json before anything is written, then copy into `out_dir`
+  with a manifest; `copy_task_data` copies the expert's task tables beside it. `expert add` runs the same
+  checks.
 """
 import json
 import logging
@@ -98,14 +100,53 @@ def copy_with_manifest(files: list[Path], out_dir: Path, source: dict) -> dict:
     return manifest
 
 
-TASK_FILES = ("train.parquet", "validation.parquet", "test.parquet", "labels.json")
+SPLITS = ("train", "validation", "test")
+TASK_FILES = tuple(f"{split}.parquet" for split in SPLITS) + ("labels.json",)
 
 
 def check_task_files(src: str | Path) -> None:
-    """One-line SourceError naming the TASK_FILES missing from the task folder `src`."""
+    """The task tables of folder `src`, checked before anything is registered or copied; one-line SourceError
+    naming the file. Checks: every TASK_FILES present; labels.json {"0": name, ...} (n entries); each split a
+    parquet table with a string column `text` and an integer column `label`, no nulls, at least one row, and
+    labels within 0..n-1."""
     missing = [f for f in TASK_FILES if not (Path(src) / f).is_file()]
     if missing:
         raise SourceError(f"{src}: task data lacks {', '.join(missing)}")
+    n = label_count(src)
+    for split in SPLITS:
+        check_task_table(Path(src) / f"{split}.parquet", n)
+
+
+def check_task_table(path: Path, n_labels: int) -> None:
+    """One split's table: columns text (string) and label (integer in 0..n_labels-1), no nulls, non-empty."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        table_file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path}: not a parquet table ({e})") from None
+    schema = table_file.schema_arrow
+    absent = [c for c in ("text", "label") if c not in schema.names]
+    if absent:
+        raise SourceError(f"{path}: no column {' or '.join(absent)} (columns: {', '.join(schema.names)}); "
+                          "a task table needs text (string) and label (integer)")
+    text_type, label_type = schema.field("text").type, schema.field("label").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise SourceError(f"{path}: column text has type {text_type}, expected strings")
+    if not pa.types.is_integer(label_type):
+        raise SourceError(f"{path}: column label has type {label_type}, expected integers 0..{n_labels - 1}")
+    if table_file.metadata.num_rows == 0:
+        raise SourceError(f"{path}: no rows (every split needs at least one)")
+    table = table_file.read(columns=["text", "label"])
+    for column in ("text", "label"):
+        if table.column(column).null_count:
+            raise SourceError(f"{path}: column {column} has {table.column(column).null_count} missing values")
+    low, high = (v.as_py() for v in pc.min_max(table.column("label")).values())
+    if low < 0 or high >= n_labels:
+        raise SourceError(f"{path}: labels span {low}..{high}, outside 0..{n_labels - 1} "
+                          f"({n_labels} labels in labels.json)")
 
 
 def copy_task_data(src: str | Path, out_dir: str | Path) -> dict:
@@ -120,7 +161,7 @@ def copy_task_data(src: str | Path, out_dir: str | Path) -> dict:
 
 def label_count(folder: str | Path) -> int:
     """Number of classes of a task: the entries of `<folder>/labels.json` ({"0": name, ...})."""
-    path = Path(folder) / "labels.json"  # its presence is checked by check_task_files
+    path = Path(folder) / "labels.json"  # its presence is checked first by check_task_files
     try:
         labels = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

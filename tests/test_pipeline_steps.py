@@ -184,6 +184,31 @@ def test_download_rejects_head_label_mismatch(ran, project, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_download_checks_task_tables_and_base_key_set(project, tmp_path):
+    """The download stage refuses, before writing anything, labels outside 0..n-1 and a single expert lacking a
+    backbone tensor of the base (found before only by modularize, against the other experts)."""
+    from safetensors.torch import load_file, save_file
+
+    params = load_params(project / "params.yaml")
+    base = project / "models" / "base"
+    bad = params.model_copy(deep=True)
+    tables = shutil.copytree(bad.experts["alpha"].data, tmp_path / "tables")
+    pd.DataFrame({"text": ["w1", "w2"], "label": [0, 5]}).to_parquet(tables / "test.parquet")
+    bad.experts["alpha"].data = str(tables)
+    with pytest.raises(SourceError, match=r"tables/test.parquet: labels span 0..5, outside 0..1"):
+        download.download_expert("alpha", bad, base, tmp_path / "out")
+    gap = shutil.copytree(params.experts["alpha"].path, tmp_path / "gap")
+    tensors = load_file(gap / "model.safetensors")
+    del tensors["bert.encoder.layer.1.output.dense.weight"]
+    save_file(tensors, gap / "model.safetensors", metadata={"format": "pt"})
+    bad = params.model_copy(deep=True)
+    bad.experts["alpha"].path = str(gap)
+    with pytest.raises(CheckpointError, match=r"expert 'alpha' \(.*gap\): missing tensor "
+                                              r"bert.encoder.layer.1.output.dense.weight \(base"):
+        download.download_expert("alpha", bad, base, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_params_errors_are_one_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"base": {"path": "x"}, "merge": {"method": "nope"}}))
