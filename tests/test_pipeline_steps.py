@@ -7,6 +7,7 @@ import fnmatch
 import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -163,6 +164,57 @@ def test_predict_cli_prints_task_and_label(ran, project, capsys, monkeypatch):
     assert main(["predict", "w31 w32 w33", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["task"] in NUM_LABELS and out["label"].startswith("LABEL_")
+
+
+def _copy_bundle(project, tmp_path):
+    return shutil.copytree(project / "artifacts/twin", tmp_path / "twin")
+
+
+@pytest.mark.parametrize("case", ["non_utf8_file", "directory_file", "truncated_shared", "invalid_twin_json",
+                                  "twin_json_without_labels", "top_k", "empty_text"])
+def test_predict_bad_input_is_one_line(ran, project, tmp_path, capsys, monkeypatch, case):
+    """Each bad input of `twinmerge predict` ends in one line naming the file or option, not a traceback."""
+    from tasks.cli import main
+
+    monkeypatch.chdir(project)
+    args, expected = ["predict", "w31 w32"], None
+    if case == "non_utf8_file":
+        (tmp_path / "in.txt").write_bytes("w31 caf\u00e9\n".encode("latin-1"))
+        args, expected = ["predict", "--file", str(tmp_path / "in.txt")], r"in.txt: not UTF-8 text \(byte 0xe9 at offset 7\)"
+    elif case == "directory_file":
+        args, expected = ["predict", "--file", str(tmp_path)], rf"{tmp_path}: cannot read \(Is a directory\)"
+    elif case == "truncated_shared":
+        twin = _copy_bundle(project, tmp_path)
+        data = (twin / "shared/model.safetensors").read_bytes()
+        (twin / "shared/model.safetensors").write_bytes(data[:len(data) // 2])
+        args += ["--bundle", str(twin)]
+        expected = r"twin/shared/model.safetensors: cannot read safetensors file \("
+    elif case == "invalid_twin_json":
+        twin = _copy_bundle(project, tmp_path)
+        (twin / "twin.json").write_text('{"format": "twinmerge-bundle/1", "experts": [')
+        args, expected = args + ["--bundle", str(twin)], r"twin/twin.json: not valid JSON \("
+    elif case == "twin_json_without_labels":
+        twin = _copy_bundle(project, tmp_path)
+        meta = json.loads((twin / "twin.json").read_text())
+        del meta["labels"]["beta"]
+        (twin / "twin.json").write_text(json.dumps(meta))
+        args, expected = args + ["--bundle", str(twin)], r"twin/twin.json: expert 'beta' lacks its entry in"
+    elif case == "top_k":
+        args, expected = args + ["--top-k", "-1"], r"top_k \(--top-k\) is -1: must be at least 1"
+    else:
+        args, expected = ["predict", "w31 w32", " ", "w1"], r"input 2 of 3 is empty or whitespace only"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(expected, err), err
+
+
+def test_bundle_refuses_empty_text(ran, project):
+    from twinmerge.errors import InputError
+
+    bundle = TwinBundle.load(project / "artifacts/twin")
+    with pytest.raises(InputError, match="input 1 of 2 is empty"):
+        bundle.predict(["", "w31"])
+    assert len(bundle.predict(["w31", "w32 w33"], top_k=1)) == 2
 
 
 def test_download_rejects_incompatible_expert(ran, project, tmp_path):
