@@ -11,6 +11,7 @@
 """
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -48,12 +49,19 @@ def _with_retries(fn, what: str, attempts: int = 4, first_delay: float = 2.0):
             time.sleep(delay)
 
 
+def is_commit(revision: str) -> bool:
+    """True for a full 40-hex Git commit id (the only Hub revision that cannot move)."""
+    return re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+
+
 def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_download=None,
               retry_delay: float = 2.0) -> dict:
     """Download one Hub checkpoint into `out_dir` (the subfolder's files at its top level).
 
     The revision is resolved to a commit first and the download pinned to it; `out_dir/source.json` records
-    repo_id, subfolder, revision and commit. `api`/`snapshot_download` default to huggingface_hub's.
+    repo_id, subfolder, revision and commit (so the commit is part of the folder's hash in dvc.lock, and of the
+    `download` manifests). A revision that is not a commit (a branch or tag) is logged as a warning: it can
+    resolve to another commit on the next fetch. `api`/`snapshot_download` default to huggingface_hub's.
     """
     import huggingface_hub
 
@@ -62,6 +70,10 @@ def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_downloa
     what = f"hub {source.repo_id}@{source.revision}" + (f"/{source.subfolder}" if source.subfolder else "")
     commit = _with_retries(lambda: api.model_info(source.repo_id, revision=source.revision).sha, what,
                            first_delay=retry_delay)
+    if not is_commit(source.revision):
+        log.warning("%s: revision %r is a branch or tag, resolved to commit %s for this fetch only; pin "
+                    "revision: %s in params for the same files on every machine", what, source.revision, commit, commit)
+    log.info("%s: commit %s", what, commit)
     prefix = f"{source.subfolder.strip('/')}/" if source.subfolder else ""
     with tempfile.TemporaryDirectory(prefix="twinmerge-hub-") as snapshot, atomic_dir(out_dir) as staged:
         _with_retries(lambda: snapshot_download(repo_id=source.repo_id, revision=commit, local_dir=snapshot,
@@ -183,10 +195,17 @@ def check_head_labels(name: str, checkpoint: str | Path, data: str | Path) -> No
                               f"{Path(data) / 'labels.json'} has {task} labels")
 
 
+def _source(folder: Path, record: dict) -> dict:
+    """`record` plus the Hub record (with its resolved commit) of a folder that `fetch_hub` wrote."""
+    if (folder / "source.json").is_file():
+        record["hub"] = json.loads((folder / "source.json").read_text())
+    return record
+
+
 def download_base(params: Params, out_dir: str | Path) -> dict:
     folder = resolve_base(params)
-    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), {"base": params.base.model_dump(exclude_none=True),
-                                                    "folder": str(folder)})
+    source = _source(folder, {"base": params.base.model_dump(exclude_none=True), "folder": str(folder)})
+    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), source)
 
 
 def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: str | Path) -> dict:
@@ -198,10 +217,7 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
     experts.check_finite()
     check_task_files(params.experts[name].data)  # before anything is written: main copies the tables next
     check_head_labels(name, folder, params.experts[name].data)
-    source = {"path": str(folder)}
-    if (folder / "source.json").is_file():
-        source["hub"] = json.loads((folder / "source.json").read_text())
-    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), source)
+    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), _source(folder, {"path": str(folder)}))
 
 
 def add_arguments(parser) -> None:

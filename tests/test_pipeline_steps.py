@@ -313,6 +313,36 @@ def test_hub_fetch_pins_commit_and_skips_pickles(tmp_path):
                                                                     "source.json"]
 
 
+def test_hub_branch_revision_warns_and_commit_is_recorded(tmp_path, caplog):
+    """A branch/tag revision is resolved per fetch: warned about; the resolved commit lands in source.json (a DVC
+    out, so in dvc.lock's hash) and in the download manifest. A 40-hex commit revision is not warned about."""
+    from tasks.params import HubSource, load_params
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    class Api:
+        def model_info(self, repo_id, revision):
+            return type("Info", (), {"sha": commit})()
+
+    def snapshot(repo_id, revision, local_dir, allow_patterns):
+        assert revision == commit
+        (Path(local_dir) / "config.json").write_text("{}")
+        (Path(local_dir) / "model.safetensors").write_bytes(b"x")
+
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        download.fetch_hub(HubSource(repo_id="org/repo"), tmp_path / "main", api=Api(), snapshot_download=snapshot)
+    assert f"revision 'main' is a branch or tag, resolved to commit {commit}" in caplog.text
+    assert json.loads((tmp_path / "main/source.json").read_text())["commit"] == commit
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        download.fetch_hub(HubSource(repo_id="org/repo", revision=commit), tmp_path / "pinned", api=Api(),
+                           snapshot_download=snapshot)
+    assert "branch or tag" not in caplog.text
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": {"path": str(tmp_path / "main")}}))
+    manifest = download.download_base(load_params(tmp_path / "params.yaml"), tmp_path / "base")
+    assert manifest["source"]["hub"]["commit"] == commit
+
+
 @pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
                                             ("dare", {"drop_rate": 0.5, "seed": 3})])
 def test_scaling_grid_equals_direct_merges(tiny_bert, method, options):
