@@ -4,11 +4,14 @@
   safetensors/json/tokenizer files only, pinned to the resolved commit, retried with backoff.
 - `resolve_base(params)`: the base model folder (installed package found with importlib, local path, or Hub).
 - `download_expert(name, folder, base, out_dir)`: validate against the base (architecture, tensor names,
-  shapes, dtypes, finite values) and the head against the task's labels.json before anything is written, then
-  copy into `out_dir` with a manifest; `copy_task_data` copies the expert's task tables beside it.
+  shapes, dtypes, finite values), the task tables (`check_task_files`: columns, dtypes, non-empty splits, label
+  range) and the head against the task's labels.json before anything is written, then copy into `out_dir`
+  with a manifest; `copy_task_data` copies the expert's task tables beside it. `expert add` runs the same
+  checks.
 """
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -46,12 +49,19 @@ def _with_retries(fn, what: str, attempts: int = 4, first_delay: float = 2.0):
             time.sleep(delay)
 
 
+def is_commit(revision: str) -> bool:
+    """True for a full 40-hex Git commit id (the only Hub revision that cannot move)."""
+    return re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+
+
 def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_download=None,
               retry_delay: float = 2.0) -> dict:
     """Download one Hub checkpoint into `out_dir` (the subfolder's files at its top level).
 
     The revision is resolved to a commit first and the download pinned to it; `out_dir/source.json` records
-    repo_id, subfolder, revision and commit. `api`/`snapshot_download` default to huggingface_hub's.
+    repo_id, subfolder, revision and commit (so the commit is part of the folder's hash in dvc.lock, and of the
+    `download` manifests). A revision that is not a commit (a branch or tag) is logged as a warning: it can
+    resolve to another commit on the next fetch. `api`/`snapshot_download` default to huggingface_hub's.
     """
     import huggingface_hub
 
@@ -60,6 +70,10 @@ def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_downloa
     what = f"hub {source.repo_id}@{source.revision}" + (f"/{source.subfolder}" if source.subfolder else "")
     commit = _with_retries(lambda: api.model_info(source.repo_id, revision=source.revision).sha, what,
                            first_delay=retry_delay)
+    if not is_commit(source.revision):
+        log.warning("%s: revision %r is a branch or tag, resolved to commit %s for this fetch only; pin "
+                    "revision: %s in params for the same files on every machine", what, source.revision, commit, commit)
+    log.info("%s: commit %s", what, commit)
     prefix = f"{source.subfolder.strip('/')}/" if source.subfolder else ""
     with tempfile.TemporaryDirectory(prefix="twinmerge-hub-") as snapshot, atomic_dir(out_dir) as staged:
         _with_retries(lambda: snapshot_download(repo_id=source.repo_id, revision=commit, local_dir=snapshot,
@@ -98,14 +112,53 @@ def copy_with_manifest(files: list[Path], out_dir: Path, source: dict) -> dict:
     return manifest
 
 
-TASK_FILES = ("train.parquet", "validation.parquet", "test.parquet", "labels.json")
+SPLITS = ("train", "validation", "test")
+TASK_FILES = tuple(f"{split}.parquet" for split in SPLITS) + ("labels.json",)
 
 
 def check_task_files(src: str | Path) -> None:
-    """One-line SourceError naming the TASK_FILES missing from the task folder `src`."""
+    """The task tables of folder `src`, checked before anything is registered or copied; one-line SourceError
+    naming the file. Checks: every TASK_FILES present; labels.json {"0": name, ...} (n entries); each split a
+    parquet table with a string column `text` and an integer column `label`, no nulls, at least one row, and
+    labels within 0..n-1."""
     missing = [f for f in TASK_FILES if not (Path(src) / f).is_file()]
     if missing:
         raise SourceError(f"{src}: task data lacks {', '.join(missing)}")
+    n = label_count(src)
+    for split in SPLITS:
+        check_task_table(Path(src) / f"{split}.parquet", n)
+
+
+def check_task_table(path: Path, n_labels: int) -> None:
+    """One split's table: columns text (string) and label (integer in 0..n_labels-1), no nulls, non-empty."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        table_file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path}: not a parquet table ({e})") from None
+    schema = table_file.schema_arrow
+    absent = [c for c in ("text", "label") if c not in schema.names]
+    if absent:
+        raise SourceError(f"{path}: no column {' or '.join(absent)} (columns: {', '.join(schema.names)}); "
+                          "a task table needs text (string) and label (integer)")
+    text_type, label_type = schema.field("text").type, schema.field("label").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise SourceError(f"{path}: column text has type {text_type}, expected strings")
+    if not pa.types.is_integer(label_type):
+        raise SourceError(f"{path}: column label has type {label_type}, expected integers 0..{n_labels - 1}")
+    if table_file.metadata.num_rows == 0:
+        raise SourceError(f"{path}: no rows (every split needs at least one)")
+    table = table_file.read(columns=["text", "label"])
+    for column in ("text", "label"):
+        if table.column(column).null_count:
+            raise SourceError(f"{path}: column {column} has {table.column(column).null_count} missing values")
+    low, high = (v.as_py() for v in pc.min_max(table.column("label")).values())
+    if low < 0 or high >= n_labels:
+        raise SourceError(f"{path}: labels span {low}..{high}, outside 0..{n_labels - 1} "
+                          f"({n_labels} labels in labels.json)")
 
 
 def copy_task_data(src: str | Path, out_dir: str | Path) -> dict:
@@ -120,7 +173,7 @@ def copy_task_data(src: str | Path, out_dir: str | Path) -> dict:
 
 def label_count(folder: str | Path) -> int:
     """Number of classes of a task: the entries of `<folder>/labels.json` ({"0": name, ...})."""
-    path = Path(folder) / "labels.json"  # its presence is checked by check_task_files
+    path = Path(folder) / "labels.json"  # its presence is checked first by check_task_files
     try:
         labels = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -142,10 +195,17 @@ def check_head_labels(name: str, checkpoint: str | Path, data: str | Path) -> No
                               f"{Path(data) / 'labels.json'} has {task} labels")
 
 
+def _source(folder: Path, record: dict) -> dict:
+    """`record` plus the Hub record (with its resolved commit) of a folder that `fetch_hub` wrote."""
+    if (folder / "source.json").is_file():
+        record["hub"] = json.loads((folder / "source.json").read_text())
+    return record
+
+
 def download_base(params: Params, out_dir: str | Path) -> dict:
     folder = resolve_base(params)
-    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), {"base": params.base.model_dump(exclude_none=True),
-                                                    "folder": str(folder)})
+    source = _source(folder, {"base": params.base.model_dump(exclude_none=True), "folder": str(folder)})
+    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), source)
 
 
 def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: str | Path) -> dict:
@@ -157,10 +217,7 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
     experts.check_finite()
     check_task_files(params.experts[name].data)  # before anything is written: main copies the tables next
     check_head_labels(name, folder, params.experts[name].data)
-    source = {"path": str(folder)}
-    if (folder / "source.json").is_file():
-        source["hub"] = json.loads((folder / "source.json").read_text())
-    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), source)
+    return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), _source(folder, {"path": str(folder)}))
 
 
 def add_arguments(parser) -> None:

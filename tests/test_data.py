@@ -18,7 +18,7 @@ import yaml
 
 from tasks import fetch as F
 from tasks import prepare as P
-from tasks.params import BaseModelSource, DataParams, PackageSource, load_params
+from tasks.params import BaseModelSource, DataParams, PackageSource, ParamsError, load_params
 from twinmerge.errors import SourceError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,6 +360,48 @@ def test_fetch_missing_package_clear_error_and_atomic(tmp_path):
     data.pypi["fake-model"].members = ["fake_model/missing/"]
     with pytest.raises(SourceError, match="fake-model.*missing"):
         F.fetch(raw, data, downloader=reg)
+
+
+def test_fetch_verifies_pinned_sha256(tmp_path, caplog):
+    """A sha256 pinned in params is checked before unpacking: another archive is refused in one line naming the
+    package, the expected and the actual hash, and leaves the old tree and no temp folders; the right one passes."""
+    reg, data = _registry(tmp_path)
+    raw = tmp_path / "raw"
+    wheel_sha = hashlib.sha256((reg.folder / "pypi" / "fake-model").read_bytes()).hexdigest()
+    data.pypi["fake-model"].sha256 = wheel_sha
+    with caplog.at_level("WARNING", logger="tasks.fetch"):
+        F.fetch(raw, data, downloader=reg)
+    assert "fake-fortunes: no sha256 pinned" in caplog.text and "fake-model: no sha256" not in caplog.text
+    before = (raw / "manifest.json").read_text()
+    data.pypi["fake-model"].sha256 = "0" * 64  # a new pin: the tree is no longer up to date, fetch again
+    with pytest.raises(SourceError) as err:
+        F.fetch(raw, data, downloader=reg)
+    assert str(err.value) == (f"pypi package fake-model==0.1.0: sha256 mismatch for fake-model: expected {'0' * 64} "
+                              f"(params data.pypi.fake-model.sha256), got {wheel_sha}")
+    assert (raw / "manifest.json").read_text() == before and not list(tmp_path.glob(".raw*"))
+    shutil.rmtree(raw)
+    with pytest.raises(SourceError, match="sha256 mismatch"):
+        F.fetch(raw, data, downloader=reg)
+    assert not raw.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_package_pins_are_validated(tmp_path):
+    base = {"base": {"path": "x"}}
+    for source, problem in (({"version": "1", "sha256": "abc"}, "String should match pattern"),
+                            ({"sha256": "a" * 64}, "sha256 is pinned but version is not")):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({**base, "data": {"debian": {"fortunes": source}}}))
+        with pytest.raises(ParamsError, match=rf"params.yaml: data.debian.fortunes.*{problem}"):
+            load_params(path)
+
+
+def test_shipped_profiles_pin_every_source():
+    """params.yaml and every profile pin version and sha256 of each PyPI and Debian source."""
+    root = Path(__file__).resolve().parent.parent
+    for path in [root / "params.yaml", *sorted((root / "profiles").glob("*.yaml"))]:
+        data = load_params(path).data
+        for name, source in {**data.pypi, **data.debian}.items():
+            assert source.version and len(source.sha256) == 64, (path.name, name)
 
 
 def test_default_downloader_names_package_on_failure(tmp_path, monkeypatch):

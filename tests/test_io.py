@@ -201,6 +201,21 @@ def test_missing_and_extra_tensors(tmp_path, tiny_set):
         ExpertSet(base, {**experts, "task0": more})
 
 
+def test_single_expert_missing_a_base_tensor(tmp_path, tiny_set):
+    """One expert alone is checked against the base: a tensor missing from a backbone module it holds is named,
+    whole base-only modules (masked-LM head, or a pooler the classifier does not use) are not required."""
+    base, experts, p, bp = tiny_set
+    key = f"{p}encoder.layer.1.attention.output.dense.bias"
+    gap = _copy(experts["task0"], tmp_path / "gap", edit=lambda sd: sd.pop(key))
+    with pytest.raises(CheckpointError, match=rf"expert 'gap' \(.*gap\): missing tensor {key} \(base \(.*base\) "
+                                              rf"has {bp}encoder.layer.1.attention.output.dense.bias\)"):
+        ExpertSet(base, {"gap": gap})
+    no_pooler = _copy(experts["task0"], tmp_path / "no_pooler",
+                      edit=lambda sd: [sd.pop(k) for k in list(sd) if k.startswith(f"{p}pooler.")])
+    es = ExpertSet(base, {"no_pooler": no_pooler})
+    assert not any("pooler" in k for k in es.mergeable_keys())
+
+
 def test_shape_and_dtype_mismatch(tmp_path, tiny_set):
     base, experts, p, bp = tiny_set
     key = f"{p}encoder.layer.1.intermediate.dense.weight"

@@ -7,6 +7,7 @@ import fnmatch
 import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -196,6 +197,57 @@ def test_predict_cli_prints_task_and_label(ran, project, capsys, monkeypatch):
     assert out["task"] in NUM_LABELS and out["label"].startswith("LABEL_")
 
 
+def _copy_bundle(project, tmp_path):
+    return shutil.copytree(project / "artifacts/twin", tmp_path / "twin")
+
+
+@pytest.mark.parametrize("case", ["non_utf8_file", "directory_file", "truncated_shared", "invalid_twin_json",
+                                  "twin_json_without_labels", "top_k", "empty_text"])
+def test_predict_bad_input_is_one_line(ran, project, tmp_path, capsys, monkeypatch, case):
+    """Each bad input of `twinmerge predict` ends in one line naming the file or option, not a traceback."""
+    from tasks.cli import main
+
+    monkeypatch.chdir(project)
+    args, expected = ["predict", "w31 w32"], None
+    if case == "non_utf8_file":
+        (tmp_path / "in.txt").write_bytes("w31 caf\u00e9\n".encode("latin-1"))
+        args, expected = ["predict", "--file", str(tmp_path / "in.txt")], r"in.txt: not UTF-8 text \(byte 0xe9 at offset 7\)"
+    elif case == "directory_file":
+        args, expected = ["predict", "--file", str(tmp_path)], rf"{tmp_path}: cannot read \(Is a directory\)"
+    elif case == "truncated_shared":
+        twin = _copy_bundle(project, tmp_path)
+        data = (twin / "shared/model.safetensors").read_bytes()
+        (twin / "shared/model.safetensors").write_bytes(data[:len(data) // 2])
+        args += ["--bundle", str(twin)]
+        expected = r"twin/shared/model.safetensors: cannot read safetensors file \("
+    elif case == "invalid_twin_json":
+        twin = _copy_bundle(project, tmp_path)
+        (twin / "twin.json").write_text('{"format": "twinmerge-bundle/1", "experts": [')
+        args, expected = args + ["--bundle", str(twin)], r"twin/twin.json: not valid JSON \("
+    elif case == "twin_json_without_labels":
+        twin = _copy_bundle(project, tmp_path)
+        meta = json.loads((twin / "twin.json").read_text())
+        del meta["labels"]["beta"]
+        (twin / "twin.json").write_text(json.dumps(meta))
+        args, expected = args + ["--bundle", str(twin)], r"twin/twin.json: expert 'beta' lacks its entry in"
+    elif case == "top_k":
+        args, expected = args + ["--top-k", "-1"], r"top_k \(--top-k\) is -1: must be at least 1"
+    else:
+        args, expected = ["predict", "w31 w32", " ", "w1"], r"input 2 of 3 is empty or whitespace only"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(expected, err), err
+
+
+def test_bundle_refuses_empty_text(ran, project):
+    from twinmerge.errors import InputError
+
+    bundle = TwinBundle.load(project / "artifacts/twin")
+    with pytest.raises(InputError, match="input 1 of 2 is empty"):
+        bundle.predict(["", "w31"])
+    assert len(bundle.predict(["w31", "w32 w33"], top_k=1)) == 2
+
+
 def test_download_rejects_incompatible_expert(ran, project, tmp_path):
     params, _, _ = ran
     other = make_base(tmp_path, "roberta", bare_backbone=False, name="other")
@@ -212,6 +264,31 @@ def test_download_rejects_head_label_mismatch(ran, project, tmp_path):
     bad.experts["alpha"].data = bad.experts["beta"].data  # alpha's head has another label count than beta's task
     with pytest.raises(CheckpointError, match=r"alpha: .*config.json has a \d-label head but its task data .*labels.json has"):
         download.download_expert("alpha", bad, project / "artifacts/base", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_download_checks_task_tables_and_base_key_set(project, tmp_path):
+    """The download stage refuses, before writing anything, labels outside 0..n-1 and a single expert lacking a
+    backbone tensor of the base (found before only by modularize, against the other experts)."""
+    from safetensors.torch import load_file, save_file
+
+    params = load_params(project / "params.yaml")
+    base = project / "models" / "base"
+    bad = params.model_copy(deep=True)
+    tables = shutil.copytree(bad.experts["alpha"].data, tmp_path / "tables")
+    pd.DataFrame({"text": ["w1", "w2"], "label": [0, 5]}).to_parquet(tables / "test.parquet")
+    bad.experts["alpha"].data = str(tables)
+    with pytest.raises(SourceError, match=r"tables/test.parquet: labels span 0..5, outside 0..1"):
+        download.download_expert("alpha", bad, base, tmp_path / "out")
+    gap = shutil.copytree(params.experts["alpha"].path, tmp_path / "gap")
+    tensors = load_file(gap / "model.safetensors")
+    del tensors["bert.encoder.layer.1.output.dense.weight"]
+    save_file(tensors, gap / "model.safetensors", metadata={"format": "pt"})
+    bad = params.model_copy(deep=True)
+    bad.experts["alpha"].path = str(gap)
+    with pytest.raises(CheckpointError, match=r"expert 'alpha' \(.*gap\): missing tensor "
+                                              r"bert.encoder.layer.1.output.dense.weight \(base"):
+        download.download_expert("alpha", bad, base, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -265,6 +342,36 @@ def test_hub_fetch_pins_commit_and_skips_pickles(tmp_path):
     assert record["commit"] == "abc123"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors",
                                                                     "source.json"]
+
+
+def test_hub_branch_revision_warns_and_commit_is_recorded(tmp_path, caplog):
+    """A branch/tag revision is resolved per fetch: warned about; the resolved commit lands in source.json (a DVC
+    out, so in dvc.lock's hash) and in the download manifest. A 40-hex commit revision is not warned about."""
+    from tasks.params import HubSource, load_params
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    class Api:
+        def model_info(self, repo_id, revision):
+            return type("Info", (), {"sha": commit})()
+
+    def snapshot(repo_id, revision, local_dir, allow_patterns):
+        assert revision == commit
+        (Path(local_dir) / "config.json").write_text("{}")
+        (Path(local_dir) / "model.safetensors").write_bytes(b"x")
+
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        download.fetch_hub(HubSource(repo_id="org/repo"), tmp_path / "main", api=Api(), snapshot_download=snapshot)
+    assert f"revision 'main' is a branch or tag, resolved to commit {commit}" in caplog.text
+    assert json.loads((tmp_path / "main/source.json").read_text())["commit"] == commit
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.download"):
+        download.fetch_hub(HubSource(repo_id="org/repo", revision=commit), tmp_path / "pinned", api=Api(),
+                           snapshot_download=snapshot)
+    assert "branch or tag" not in caplog.text
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": {"path": str(tmp_path / "main")}}))
+    manifest = download.download_base(load_params(tmp_path / "params.yaml"), tmp_path / "base")
+    assert manifest["source"]["hub"]["commit"] == commit
 
 
 @pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3}),

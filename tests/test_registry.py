@@ -1,5 +1,6 @@
 """Expert registry: `twinmerge expert add|list` on tiny random BERT experts (no Prefect server, no DVC)."""
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -86,6 +87,46 @@ def test_expert_whose_head_does_not_match_the_task_labels_is_refused(project, ca
                 "--no-event"]) == 2
     assert "tables/task0: task data lacks labels.json" in capsys.readouterr().err
     assert (root / "params.yaml").read_bytes() == before
+
+
+@pytest.mark.parametrize("table, problem", [
+    ({"sentence": ["a", "b"], "label": [0, 1]}, r"validation.parquet: no column text \(columns: sentence, label\)"),
+    ({"text": ["a", "b"], "label": [0.0, 1.0]}, r"validation.parquet: column label has type double, expected integers"),
+    ({"text": [1, 2], "label": [0, 1]}, r"validation.parquet: column text has type int64, expected strings"),
+    ({"text": ["a", "b"], "label": [0, 2]}, r"validation.parquet: labels span 0..2, outside 0..1 \(2 labels in "),
+    ({"text": ["a", "b"], "label": [-1, 0]}, r"validation.parquet: labels span -1..0, outside 0..1"),
+    ({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype=int)}, r"validation.parquet: no rows"),
+    ({"text": ["a", None], "label": [0, 1]}, r"validation.parquet: column text has 1 missing values"),
+])
+def test_bad_task_table_is_refused_in_one_line(project, capsys, table, problem):
+    """Columns, dtypes, non-empty splits and the label range are checked at `expert add` (and `download`)."""
+    root, _, experts = project
+    pd.DataFrame(table).to_parquet(root / "tables" / "task0" / "validation.parquet")
+    before = (root / "params.yaml").read_bytes()
+    assert cli(["expert", "add", "x", "--path", str(experts["task0"]), "--task", "t", "--data", "tables/task0",
+                "--no-event"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(problem, err), err
+    assert (root / "params.yaml").read_bytes() == before
+    (root / "tables" / "task0" / "validation.parquet").write_text("not parquet")
+    assert cli(["expert", "add", "x", "--path", str(experts["task0"]), "--task", "t", "--data", "tables/task0",
+                "--no-event"]) == 2
+    assert "validation.parquet: not a parquet table" in capsys.readouterr().err
+
+
+def test_expert_missing_a_backbone_tensor_is_refused_at_add(project, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    root, _, experts = project
+    gap = tmp_path / "gap"
+    shutil.copytree(experts["task0"], gap)
+    tensors = load_file(gap / "model.safetensors")
+    del tensors["bert.encoder.layer.0.attention.self.query.weight"]
+    save_file(tensors, gap / "model.safetensors", metadata={"format": "pt"})
+    assert cli(["expert", "add", "gap", "--path", str(gap), "--task", "t", "--data", "tables/task0",
+                "--no-event"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing tensor bert.encoder.layer.0.attention.self.query.weight" in err
 
 
 def test_non_finite_expert_is_refused(project, tmp_path):

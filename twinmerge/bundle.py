@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from twinmerge.dynamic import DynamicTwinModel
-from twinmerge.errors import CheckpointError
+from twinmerge.errors import CheckpointError, InputError
 from twinmerge.exclusive import load_factors
 from twinmerge.io import SAFETENSORS, atomic_dir
 from twinmerge.modelpool import assemble_classifier, config_from_dict, map_batches
@@ -50,6 +50,42 @@ def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict
     return Path(out_dir)
 
 
+META_FIELDS = {"experts": (list,), "tasks": (dict,), "labels": (dict,), "max_length": (int,),  # field -> types
+               "temperature": (int, float), "top_k": (int, type(None))}
+
+
+def read_meta(meta_path: Path) -> dict:
+    """twin.json, checked: valid JSON object, this format, META_FIELDS with their types, a task and labels per
+    expert; else a one-line CheckpointError naming the file."""
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: not found (is {meta_path.parent} a Twin-Merging bundle?)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{meta_path}: format {found!r}, expected {BUNDLE_FORMAT}")
+    for field, kind in META_FIELDS.items():
+        if field not in meta or not isinstance(meta[field], kind):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kind)
+            raise CheckpointError(f"{meta_path}: field {field!r} missing or not a JSON {names}")
+    for name in meta["experts"]:
+        if not isinstance(name, str) or name not in meta["tasks"] or not isinstance(meta["labels"].get(name), list):
+            raise CheckpointError(f"{meta_path}: expert {name!r} lacks its entry in 'tasks' or 'labels'")
+    return meta
+
+
+def check_inputs(texts: list[str], top_k: int | None) -> None:
+    """Refuse (InputError, one line) an empty or whitespace-only text, naming its 1-based position, and a
+    top_k below 1. Empty texts are refused rather than routed: the router would pick an arbitrary task."""
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k (--top-k) is {top_k}: must be at least 1")
+    for i, text in enumerate(texts, 1):
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"input {i} of {len(texts)} is empty or whitespace only: nothing to route")
+
+
 @dataclass
 class TwinBundle:
     experts: list[str]
@@ -66,12 +102,7 @@ class TwinBundle:
     @classmethod
     def load(cls, folder: str | Path) -> "TwinBundle":
         folder = Path(folder)
-        meta_path = folder / "twin.json"
-        if not meta_path.is_file():
-            raise CheckpointError(f"{meta_path}: not found (is {folder} a Twin-Merging bundle?)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != BUNDLE_FORMAT:
-            raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {BUNDLE_FORMAT}")
+        meta = read_meta(folder / "twin.json")
         factors = [load_factors(folder / "exclusive" / f"{n}.safetensors") for n in meta["experts"]]
         shared = load_shared(folder / "shared")
         head = factors[0].head
@@ -85,7 +116,9 @@ class TwinBundle:
 
     @torch.inference_mode()
     def predict(self, texts: list[str], batch_size: int = 32, top_k: int | None = None) -> list[dict]:
-        """Per text: routed expert and task (argmax), routing weights, predicted label and its probability."""
+        """Per text: routed expert and task (argmax), routing weights, predicted label and its probability.
+        Empty texts and top_k < 1 are refused (`check_inputs`)."""
+        check_inputs(texts, top_k)
         features = self.router.features(self.feature_model, texts, batch_size=batch_size, progress=False)
         weights = route(self.router.router, features, self.temperature, top_k if top_k is not None else self.top_k)
         logits = map_batches(lambda idx, enc: self.dynamic(**enc, weights=weights[torch.tensor(idx)]).logits,

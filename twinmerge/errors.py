@@ -19,3 +19,7 @@ class FactorError(TwinMergeError):
 
 class SourceError(TwinMergeError):
     """A data or model source (package registry, Hub) could not be obtained."""
+
+
+class InputError(TwinMergeError):
+    """Texts or options given to inference (`twinmerge predict`, `TwinBundle.predict`) are unusable."""

@@ -192,6 +192,7 @@ class ExpertSet:
         self._check_configs()
         self._strip = _bare_backbone_prefix(set(self.base.keys()), set(first.keys()))
         self._check_key_sets()
+        self._check_base_tensors()
         self._mergeable: list[str] = []
         self._heads: list[str] = []
         for key in first.keys():
@@ -283,6 +284,22 @@ class ExpertSet:
                     raise CheckpointError(f"expert {name!r} ({ckpt.folder}): extra tensor {key} "
                                           f"(held by {c} of {n} experts, not by the base)")
 
+    def _check_base_tensors(self) -> None:
+        """Every expert must hold each floating base tensor of the modules it keeps (so a single expert is checked
+        against the base too, not only against other experts).
+
+        A tensor's module is the first two parts of its canonical name ("roberta.encoder", "bert.pooler"). An
+        expert may lack whole modules of the base (a masked-LM head; RoBERTa's pooler, unused by its sequence
+        classifier) but not single tensors of a module it holds: such a checkpoint is truncated or foreign.
+        """
+        base = {self._strip + k: k for k in self.base.keys() if self.base.dtype(k).is_floating_point}
+        for name, ckpt in self.experts.items():
+            modules = {_module(k) for k in ckpt.keys()}
+            for key, bkey in base.items():
+                if key not in ckpt and _module(key) in modules:
+                    raise CheckpointError(f"expert {name!r} ({ckpt.folder}): missing tensor {key} "
+                                          f"(base ({self.base.folder}) has {bkey})")
+
     def _check_tensor(self, key: str, bkey: str) -> None:
         shape, dtype = self.base.shape(bkey), self.base.dtype(bkey)
         for name, ckpt in self.experts.items():
@@ -292,6 +309,11 @@ class ExpertSet:
             if ckpt.dtype(key) != dtype:
                 raise CheckpointError(f"expert {name!r} ({ckpt.folder}): tensor {key} has dtype "
                                       f"{ckpt.dtype(key)}, base ({self.base.folder}) {bkey} has {dtype}")
+
+
+def _module(key: str) -> str:
+    """The module a tensor name belongs to, for key-set checks: its first two dotted parts."""
+    return ".".join(key.split(".")[:2])
 
 
 def _finite(t: torch.Tensor, who: str, key: str) -> torch.Tensor:

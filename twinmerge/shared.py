@@ -36,5 +36,12 @@ def load_shared(folder: str | Path) -> dict[str, torch.Tensor]:
     meta_path = folder / SHARED_META
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: not found (is {folder} a shared expert written by `modularize`?)")
-    prefix = json.loads(meta_path.read_text())["canonical_prefix"]
-    return {prefix + k: v for k, v in load_file(folder / "model.safetensors").items()}
+    try:
+        prefix = json.loads(meta_path.read_text())["canonical_prefix"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta_path}: no canonical_prefix in valid JSON ({exc})") from None
+    try:
+        state = load_file(folder / "model.safetensors")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types on missing/corrupt files
+        raise CheckpointError(f"{folder / 'model.safetensors'}: cannot read safetensors file ({exc})") from None
+    return {prefix + k: v for k, v in state.items()}
