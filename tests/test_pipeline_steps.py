@@ -103,6 +103,19 @@ def test_download_manifest_records_sha256(ran, project):
         assert (data / name).read_bytes() == (Path(ran[0].experts["alpha"].data) / name).read_bytes()
 
 
+def test_training_log_is_not_part_of_an_expert(project, tmp_path):
+    """An expert's fingerprint and its copy cover weights, configs and tokenizer files, not a training log."""
+    from tasks.registry import folder_fingerprint
+
+    src = tmp_path / "alpha"
+    shutil.copytree(project / "models/alpha", src)
+    before = folder_fingerprint(src)
+    (src / "scores.json").write_text('{"wall_seconds": 12.3}')
+    (src / "trainer_state.json").write_text("{}")
+    assert folder_fingerprint(src) == before
+    assert {f.name for f in download._checkpoint_files(src)} == {"config.json", "model.safetensors"}
+
+
 def test_task_data_copy_names_missing_files_and_leaves_nothing(project, tmp_path):
     src = tmp_path / "partial"
     shutil.copytree(project / "data/tasks/t0", src)
