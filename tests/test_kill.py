@@ -207,12 +207,12 @@ def test_kill_at_the_worst_moment_then_a_rerun_is_clean(project, stage):
 
 
 def test_killed_step_rerun_by_dvc_alone_sweeps_its_own_temporaries(project):
-    """Plain `dvc repro` with the run-cache off: the step runs again and its atomic writes sweep the killed
-    run's temporaries of the same targets; DVC never hashed them (.dvcignore)."""
+    """DVC alone reruns the step (forced: unforced, DVC restores its outputs from the cache without running it):
+    its atomic writes sweep the killed run's temporaries of the same targets; DVC never hashed them."""
     root, listing, lock = project
     temporary = _kill_while_renaming(root, "compress@alpha", "alpha.stats.json")
     _wait_gone(root, "twinmerge")
-    _dvc("repro", "--no-run-cache", cwd=root)
+    _dvc("repro", "-f", "--single-item", "compress@alpha", cwd=root)
     assert not (root / temporary).exists()
     assert _dvc("status", "--json", cwd=root).strip() in ("{}", "")
     assert (root / "dvc.lock").read_text() == lock
