@@ -31,6 +31,8 @@ from prefect.artifacts import (
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.lock import LockHeld, pipeline_lock
+
 
 class PipelineError(RuntimeError):
     """A DVC stage failed; the message names the stage and ends with its last output line."""
@@ -162,10 +164,21 @@ def _publish_report(project: Path) -> None:
 def pipeline(project: str = ".", max_workers: int = 2) -> dict:
     """Run every stage of the project's `dvc.yaml`, in dependency order, parallel where the graph allows.
 
+    Holds the project's pipeline lock (flows.lock) throughout; first deletes the temporaries that killed steps
+    left under artifacts/ (a stage restored from DVC's run-cache never writes, so never sweeps, its targets).
     Returns {"ran": [...], "cached": [...], "seconds": float}.
     """
-    logger = get_run_logger()
+    from twinmerge.io import sweep_stale_temps_under  # torch: not at import (the CLI parses arguments first)
+
     project_path = Path(project).resolve()
+    with pipeline_lock(project_path):
+        for temporary in sweep_stale_temps_under(project_path / "artifacts"):
+            get_run_logger().info("deleted %s, left by a killed step", temporary)
+        return _run_stages(project_path, max_workers)
+
+
+def _run_stages(project_path: Path, max_workers: int) -> dict:
+    logger = get_run_logger()
     deps = stage_graph(project_path)
     stale = set(stale_stages(project_path))
     done: set[str] = set()
@@ -204,16 +217,32 @@ def pipeline(project: str = ".", max_workers: int = 2) -> dict:
 def add_arguments(parser) -> None:
     parser.add_argument("--project", default=".", help="folder with dvc.yaml and params.yaml")
     parser.add_argument("--max-workers", type=int, default=2, help="stages run at once where the graph allows")
-    parser.add_argument("--params", help="copy this params file over the project's params.yaml first")
+    parser.add_argument("--params", help="validate this params file, then copy it over the project's params.yaml")
 
 
 def main(args) -> int:
+    """`twinmerge run`: under the pipeline lock, [install --params, then] run the flow on a temporary Prefect
+    server that dies with this process (unless PREFECT_API_URL names one). Exit 1 with one line when another
+    run holds the lock."""
+    from flows.server import temporary_server
+    from tasks.params import load_params
+    from twinmerge.io import write_text_atomic
+
     project = Path(args.project)
+    text = None
     if args.params:
-        src, dst = Path(args.params), project / "params.yaml"
-        if src.resolve() != dst.resolve() and src.read_text() != (dst.read_text() if dst.exists() else None):
-            logging.getLogger(__name__).warning("using %s as %s", src, dst)
-            dst.write_text(src.read_text())
-    result = pipeline(project=str(project), max_workers=args.max_workers)
+        load_params(args.params)  # a bad file: one line naming it, params.yaml untouched
+        text = Path(args.params).read_text()
+    try:
+        with pipeline_lock(project):
+            dst = project / "params.yaml"
+            if text is not None and text != (dst.read_text() if dst.exists() else None):
+                logging.getLogger(__name__).warning("using %s as %s", args.params, dst)
+                write_text_atomic(text, dst)
+            with temporary_server():
+                result = pipeline(project=str(project), max_workers=args.max_workers)
+    except LockHeld as e:
+        print(f"twinmerge run: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(result))
     return 0

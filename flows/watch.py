@@ -1,8 +1,9 @@
 """Re-evaluate when experts arrive or change: the flow that `twinmerge serve` / prefect.yaml schedule.
 
 `check_and_run(project)`:
-1. takes the file lock `artifacts/.pipeline.lock` (fcntl.flock, non-blocking); when another run holds it,
-   logs "another pipeline run holds <path> since <time> (pid N)" and ends without work;
+1. takes the pipeline lock (flows.lock: `artifacts/.pipeline.lock`, the one `twinmerge run` takes); when another
+   run holds it, logs "another pipeline run holds <path>: pid N on <host> (<command>) since <time>" and ends
+   without work;
 2. fingerprints every registered expert (tasks.registry: local folders by content, Hub experts by the latest
    commit of their tracked revision) and compares with `artifacts/registry_state.json`;
 3. asks `dvc status` whether any stage is stale;
@@ -18,54 +19,18 @@ No `from __future__ import annotations` here: deployment runs of flows with pyda
 with it (SPEC §5).
 """
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from prefect import flow, get_run_logger, task
 
+from flows.lock import LockHeld, pipeline_lock
 from flows.pipeline import PipelineError, pipeline, stale_stages
-
-LOCK_PATH = "artifacts/.pipeline.lock"
-
-
-class LockHeld(RuntimeError):
-    """Another run holds the pipeline lock."""
-
-
-@contextlib.contextmanager
-def pipeline_lock(path: str | Path):
-    """Exclusive, non-blocking flock on `path`; the holder's pid, host and start time are written into it."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except ValueError:
-            info = {}
-        os.close(fd)
-        raise LockHeld(f"another pipeline run holds {p} since {info.get('since', '?')} "
-                       f"(pid {info.get('pid', '?')})") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode(), 0)
-        yield p
-    finally:
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
 
 def force_hub_fetch(stage: str, project: str) -> None:
     """`dvc repro -f -s <stage>`: re-fetch a Hub expert whose tracked revision has a new commit."""
@@ -110,7 +75,7 @@ def check_and_run_impl(project: str = ".", max_workers: int = 2, api=None,
     run_pipeline = run_pipeline or pipeline
     force_stage = force_stage or force_hub_fetch
     try:
-        with pipeline_lock(project_path / LOCK_PATH):
+        with pipeline_lock(project_path):
             found = detect_changes(project_path, api)
             changes, stale, force = found["changes"], found["stale"], found["force"]
             if not (changes or stale or force):
@@ -137,6 +102,9 @@ def check_and_run(project: str = ".", max_workers: int = 2) -> dict:
 
 
 if __name__ == "__main__":
+    from flows.server import temporary_server
+
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    print(json.dumps(check_and_run(project=sys.argv[1] if len(sys.argv) > 1 else ".")))
+    with temporary_server():
+        print(json.dumps(check_and_run(project=sys.argv[1] if len(sys.argv) > 1 else ".")))

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from flows import watch
+from flows.lock import LOCK_PATH
 from tasks import registry
 from tasks.params import load_params
 
@@ -101,12 +102,11 @@ def test_removed_expert_triggers_a_run(project):
 
 def test_lock_held_ends_without_work(project):
     root, calls = project
-    lock = root / watch.LOCK_PATH
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {os.getcwd()!r})
-        from flows.watch import pipeline_lock
-        with pipeline_lock({str(lock)!r}):
+        from flows.lock import pipeline_lock
+        with pipeline_lock({str(root)!r}):
             print("held", flush=True)
             time.sleep(30)
         """)], stdout=subprocess.PIPE, text=True)
@@ -114,8 +114,9 @@ def test_lock_held_ends_without_work(project):
         assert holder.stdout.readline().strip() == "held"
         result = _check(root, calls)
         assert result["ran"] is False
-        assert result["skipped"].startswith(f"another pipeline run holds {lock} since 20")
-        assert f"(pid {holder.pid})" in result["skipped"]
+        assert result["skipped"].startswith(f"another pipeline run holds {(root / LOCK_PATH).resolve()}: "
+                                            f"pid {holder.pid} on ")
+        assert " since 20" in result["skipped"]
         assert not calls["pipeline"]
     finally:
         holder.kill()

@@ -8,11 +8,14 @@ A checkpoint folder holds `config.json` and either `model.safetensors` or a shar
 Canonical tensor names are the experts' names (see docs/DESIGN.md "Tensor names").
 """
 import fnmatch
+import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cached_property
@@ -328,14 +331,87 @@ def _finite(t: torch.Tensor, who: str, key: str) -> torch.Tensor:
     return t
 
 
+# Temporaries of an atomic write sit beside their target (same filesystem, so the final rename is atomic) and
+# are named `.<target>.tmp-<pid>-<random>`. `.dvcignore` hides `.*.tmp-*` from DVC, so one left by a killed
+# step never enters the hash of a directory dependency (artifacts/checkpoints, artifacts/exclusive, ...); the
+# next write of the same target deletes those whose process is gone (`sweep_stale_temps`).
+TEMP_MARK = ".tmp-"
+# Test-only hook (tests/test_kill.py): when PAUSE_ENV names a target (file or folder name), its atomic write
+# prints "PAUSE_ENV: <temporary>" to stderr and waits, with the temporary complete, just before renaming it
+# into place, so that a test can SIGKILL the step at the worst moment.
+PAUSE_ENV = "TWINMERGE_TEST_PAUSE_BEFORE_RENAME"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _stale(entry: Path) -> bool:
+    """Whether `entry` is a temporary (`.<target>.tmp-<pid>-*`) whose writer no longer runs."""
+    head, mark, tail = entry.name.rpartition(TEMP_MARK)
+    pid = tail.split("-", 1)[0]
+    return bool(mark) and head.startswith(".") and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def _remove(entries: Iterable[Path]) -> list[Path]:
+    removed = []
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def sweep_stale_temps(path: str | Path) -> list[Path]:
+    """Delete the temporaries of `path` (`.<name>.tmp-<pid>-*` beside it) whose process no longer runs.
+
+    Only this target's temporaries are looked at, and a live process's are kept, so two steps writing
+    different targets into one folder (compress@a, compress@b in artifacts/exclusive) never touch each other's.
+    """
+    path = Path(path)
+    return _remove(e for e in path.parent.glob(glob.escape(f".{path.name}{TEMP_MARK}") + "*") if _stale(e))
+
+
+def sweep_stale_temps_under(folder: str | Path) -> list[Path]:
+    """Delete every temporary under `folder` whose process no longer runs (those of live writers are kept).
+
+    For a run's start: a step whose outputs DVC restores from its run-cache never writes them, so it never
+    sweeps what a killed earlier run left beside them.
+    """
+    found = sorted(Path(folder).rglob(f".*{TEMP_MARK}*")) if Path(folder).is_dir() else []
+    outer = [e for e in found if not set(e.parents) & set(found)]
+    return _remove(e for e in outer if _stale(e))
+
+
+def _temp_prefix(path: Path) -> str:
+    """Prefix of a new temporary for `path`, after sweeping the stale ones (creates the parent folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(path)
+    return f".{path.name}{TEMP_MARK}{os.getpid()}-"
+
+
+def _pause_before_rename(path: Path, tmp: str | Path) -> None:
+    if os.environ.get(PAUSE_ENV) == path.name:
+        print(f"{PAUSE_ENV}: {tmp}", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+
 def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     """Run `write(tmp)` on a temp file beside `path`, then `os.replace` it into place (no partial files)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path))
     os.close(fd)
     try:
         write(tmp)
+        _pause_before_rename(path, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -348,14 +424,15 @@ def atomic_dir(folder: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder beside `folder`; on success it replaces `folder` (an existing one is moved
     aside first and deleted after the swap), on error it is deleted and `folder` is left as it was."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    prefix = _temp_prefix(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=prefix))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700
         yield tmp
+        _pause_before_rename(folder, tmp)
         old = None
         if folder.exists():
-            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old."))
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=prefix))
             os.replace(folder, old / folder.name)
         os.replace(tmp, folder)
     except BaseException:
