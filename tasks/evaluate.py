@@ -29,7 +29,7 @@ from tasks.params import Params, load_params
 from tasks.taskdata import load_registry_split
 from twinmerge.dynamic import DynamicTwinModel
 from twinmerge.exclusive import load_factors
-from twinmerge.io import SAFETENSORS, ExpertSet, write_json_atomic
+from twinmerge.io import SAFETENSORS, ExpertSet, write_json_atomic, write_text_atomic
 from twinmerge.merge import MERGE_METHODS, build_shared_expert
 from twinmerge.metrics import answered_predictions
 from twinmerge.metrics import score as metric_score
@@ -236,9 +236,7 @@ def evaluate(params: Params, shared_dir="artifacts/shared", factors_dir="artifac
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False, float_format="%.4f")
-    tmp.replace(path)
+    write_text_atomic(df.to_csv(index=False, float_format="%.4f"), path)
 
 
 def add_arguments(parser) -> None:

@@ -4,11 +4,9 @@ Plots: normalised score per task per method (grouped bars), the router's confusi
 splits, and storage (bytes kept beside the shared model) against mean normalised score.
 """
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from twinmerge.io import write_text_atomic
+from twinmerge.io import atomic_write, write_text_atomic
 
 def _label(name: str, method: dict) -> str:
     """The row's label from metrics.json; the headline row (no task id at inference) in bold."""
@@ -62,9 +60,10 @@ def markdown_report(metrics: dict, history_section: str = "") -> str:
 
 
 def _save_fig(fig, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=110, bbox_inches="tight")
-    os.replace(tmp.name, path)
+    """Save a figure as PNG through the atomic writer (temporary beside the target, then rename)."""
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    atomic_write(path, write)
 
 
 def plot_all(metrics: dict, out_dir: Path) -> None:

@@ -291,3 +291,19 @@ def test_saved_factors_are_read_as_written(tmp_path):
     torch.testing.assert_close(f.delta("w"), U @ torch.diag(S) @ V.T)
     assert torch.equal(f.delta("b"), torch.ones(5)) and torch.equal(f.head["h"], torch.zeros(2))
     assert parse_factors(raw, _meta(), "x").names() == ["w", "b"]
+
+
+def test_svd_bytes_do_not_depend_on_thread_count():
+    """Factor files must be byte-identical run to run: MKL's float32 SVD of a tall matrix differs with the
+    thread count, so thin_svd runs single-threaded whatever the caller set."""
+    a = torch.randn(3000, 96, generator=_gen(5))
+    results = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results.append(thin_svd(a))
+        finally:
+            torch.set_num_threads(before)
+        assert torch.get_num_threads() == before
+    assert all(torch.equal(x, y) for x, y in zip(*results))

@@ -83,7 +83,7 @@ def test_temporaries_carry_the_writer_pid(tmp_path):
     with io.atomic_dir(tmp_path / "out") as staged:
         assert staged.name.startswith(f".out{io.TEMP_MARK}{os.getpid()}-")
     seen = []
-    io._atomic(tmp_path / "f.json", lambda tmp: seen.append(Path(tmp).name) or Path(tmp).write_text("{}"))
+    io.atomic_write(tmp_path / "f.json", lambda tmp: seen.append(Path(tmp).name) or Path(tmp).write_text("{}"))
     assert seen[0].startswith(f".f.json{io.TEMP_MARK}{os.getpid()}-")
 
 

@@ -8,7 +8,8 @@ Non-2-D tensors (LayerNorm, biases) are stored dense in float32; heads are store
 """
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,24 @@ def allocate_budget(spectra: Mapping[str, tuple[torch.Tensor, int, int]], budget
     return ranks
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run LAPACK single-threaded: MKL's SVD gives bit-different singular vectors for different thread counts
+    (and under load, when MKL adapts its threads), which would make factor files differ run to run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _svd_with_fallback(fn: Callable[[torch.Tensor], Any], matrix: torch.Tensor) -> Any:
+    with _one_thread():
+        return _svd_float32_then_64(fn, matrix)
+
+
+def _svd_float32_then_64(fn: Callable[[torch.Tensor], Any], matrix: torch.Tensor) -> Any:
     a = matrix.detach().to(torch.float32)
     try:
         out = fn(a)
@@ -125,7 +143,7 @@ def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     with matrix = U diag(S) V^T.
 
     `torch.linalg.svd(full_matrices=False)` in float32, retried in float64 on CPU when it fails to converge
-    or returns non-finite values. Never full_matrices=True (a 50265 x 50265 U for RoBERTa's embedding). The
+    or returns non-finite values; single-threaded, so the same input gives the same bytes on every run. Never full_matrices=True (a 50265 x 50265 U for RoBERTa's embedding). The
     randomized `torch.svd_lowrank` is not used: it is approximate, which would break the exact
     energy/budget accounting, and thin SVD of the models here (min(m, n) <= 1024) takes seconds.
     """

@@ -404,7 +404,7 @@ def _pause_before_rename(path: Path, tmp: str | Path) -> None:
         time.sleep(600)
 
 
-def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Run `write(tmp)` on a temp file beside `path`, then `os.replace` it into place (no partial files)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path))
@@ -463,7 +463,7 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Pat
             t = t.clone()
         seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
         out[key] = t
-    return _atomic(path, lambda tmp: save_file(out, tmp, metadata=dict(metadata) if metadata else None))
+    return atomic_write(path, lambda tmp: save_file(out, tmp, metadata=dict(metadata) if metadata else None))
 
 
 def write_json_atomic(obj, path: str | Path) -> Path:
@@ -474,7 +474,7 @@ def write_json_atomic(obj, path: str | Path) -> Path:
 def write_text_atomic(text: str, path: str | Path) -> Path:
     def write(tmp: str) -> None:
         Path(tmp).write_text(text)
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def save_hf_model(state_dict: Mapping[str, torch.Tensor], config: Mapping, folder: str | Path,
