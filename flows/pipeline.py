@@ -208,7 +208,10 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from tasks.params import load_params
+
     project = Path(args.project)
+    load_params(args.params or project / "params.yaml")  # a bad params file: one line, before any stage runs
     if args.params:
         src, dst = Path(args.params), project / "params.yaml"
         if src.resolve() != dst.resolve() and src.read_text() != (dst.read_text() if dst.exists() else None):
