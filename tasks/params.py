@@ -59,9 +59,8 @@ def stage_item(given: str | None, stage: str, option: str) -> str:
     """The item a `foreach` step works on: `given` (its command-line option), else the part after '@' of
     `$DVC_STAGE` (`<stage>@<item>`, set by `dvc repro`), so that dvc.yaml never puts a name into the shell."""
     if given is None:
-        addressed = os.environ.get("DVC_STAGE", "").rpartition(":")[2]  # "sub/dvc.yaml:stage@item" too
-        prefix, at, given = addressed.partition("@")
-        if not at or prefix != stage:
+        addressed, at, given = os.environ.get("DVC_STAGE", "").partition("@")
+        if not at or addressed.rpartition(":")[2] != stage:  # "stage@item" or "sub/dvc.yaml:stage@item"
             raise ParamsError(f"give {option} (or run the step as DVC stage {stage}@<name>)")
     return check_name(given)
 

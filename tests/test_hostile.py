@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tasks.cli import main as cli
-from tasks.params import NAME_RULE, Params, ParamsError, check_name, inside_project, load_params
+from tasks.params import NAME_RULE, Params, ParamsError, check_name, inside_project, load_params, stage_item
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "pwned_marker"
@@ -138,13 +138,13 @@ def test_dvc_repro_of_a_hostile_expert_key_runs_nothing(project, key):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", f"download@{key}"],
                           cwd=project, env=env, capture_output=True, text=True)
+    _outside_untouched(project)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "> twinmerge download expert\n" in out  # what DVC handed to the shell: no name in it
     error = [ln for ln in out.splitlines() if ln.startswith("twinmerge download: error:")]
     assert error == [f"twinmerge download: error: params.yaml: experts: name {key!r} is not allowed: use ASCII "
                      "letters, digits, '_' or '-', starting with a letter or digit"]
-    _outside_untouched(project)
 
 
 def test_twinmerge_run_validates_params_before_any_stage(project, capsys):
@@ -168,6 +168,18 @@ def test_foreach_steps_take_their_item_from_dvc_stage(project, monkeypatch, caps
     assert cli(step) == 2  # neither the option nor a DVC stage: say which option
     assert "error: give --" in _one_line(capsys.readouterr().err)
     _outside_untouched(project)
+
+
+def test_stage_item_is_the_option_or_the_item_of_this_step_stage(monkeypatch):
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert stage_item("movie", "download", "--name") == "movie"
+    for addressed, item in (("download@movie", "movie"), ("sub/dvc.yaml:download@cola-2", "cola-2")):
+        monkeypatch.setenv("DVC_STAGE", addressed)
+        assert stage_item(None, "download", "--name") == item
+    for other in ("compress@movie", "download_base", "download@a:download@movie"):
+        monkeypatch.setenv("DVC_STAGE", other)
+        with pytest.raises(ParamsError, match="give --name|not allowed"):
+            stage_item(None, "download", "--name")
 
 
 # ------------------------------------------------------------------------------------------------------ paths
