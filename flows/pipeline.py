@@ -221,17 +221,17 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    """`twinmerge run`: under the pipeline lock, [install --params, then] run the flow on a temporary Prefect
-    server that dies with this process (unless PREFECT_API_URL names one). Exit 1 with one line when another
-    run holds the lock."""
+    """`twinmerge run`: params validated first (one line, before any stage runs), then under the pipeline lock
+    [install --params, then] run the flow on a temporary Prefect server that dies with this process (unless
+    PREFECT_API_URL names one). Exit 1 with one line when another run holds the lock."""
     from flows.server import temporary_server
     from tasks.params import load_params
     from twinmerge.io import write_text_atomic
 
     project = Path(args.project)
+    load_params(args.params or project / "params.yaml")  # a bad params file: one line naming it, nothing runs
     text = None
     if args.params:
-        load_params(args.params)  # a bad file: one line naming it, params.yaml untouched
         text = Path(args.params).read_text()
     try:
         with pipeline_lock(project):

@@ -6,7 +6,7 @@ Writes `artifacts/exclusive/<expert>.safetensors` (format in docs/DESIGN.md) and
 from pathlib import Path
 
 from tasks.modularize import load_shared
-from tasks.params import Params, load_params
+from tasks.params import Params, load_params, stage_item
 from twinmerge.errors import FactorError
 from twinmerge.exclusive import RankSpec, compress_expert, factor_metadata, save_factors
 from twinmerge.io import ExpertSet, write_json_atomic
@@ -29,11 +29,13 @@ def compress(params: Params, expert: str, shared_dir: str | Path = "artifacts/sh
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--expert", required=True)
+    parser.add_argument("--expert", help="expert name (default: <name> of $DVC_STAGE compress@<name>)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args) -> None:
-    totals = compress(load_params(args.params), args.expert, progress=not args.no_progress)
+    params = load_params(args.params)
+    expert = stage_item(args.expert, "compress", "--expert")
+    totals = compress(params, expert, progress=not args.no_progress)
     print({k: totals[k] for k in sorted(totals)})

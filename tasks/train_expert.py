@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.fetch import locate_base_model
-from tasks.params import load_params
+from tasks.params import TASK_NAMES, ParamsError, inside_project, load_params, stage_item
 from tasks.prepare import load_label_names, load_split
 from twinmerge.io import atomic_dir
 from twinmerge.metrics import accuracy, macro_f1
@@ -162,16 +162,19 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
 
 
 def add_arguments(parser) -> None:
-    from tasks.params import TASK_NAMES
-
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--task", required=True, choices=TASK_NAMES, help="which task's expert to train")
+    parser.add_argument("--task", choices=TASK_NAMES,
+                        help="which task's expert to train (default: <task> of $DVC_STAGE train_expert@<task>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args) -> int:
     params = load_params(args.params)
-    s = train_expert(args.task, params, progress=not args.no_progress)
-    print(f"{args.task}: test accuracy {s['test']['accuracy']:.3f}  macro-F1 {s['test']['macro_f1']:.3f}  "
+    task = stage_item(args.task, "train_expert", "--task")
+    if task not in TASK_NAMES:  # from $DVC_STAGE (argparse checks --task)
+        raise ParamsError(f"train-expert: unknown task '{task}'; known: {list(TASK_NAMES)}")
+    out_dir = inside_project(params.zoo.experts_dir, "zoo.experts_dir", args.params) / task
+    s = train_expert(task, params, out_dir, progress=not args.no_progress)
+    print(f"{task}: test accuracy {s['test']['accuracy']:.3f}  macro-F1 {s['test']['macro_f1']:.3f}  "
           f"majority {s['majority_baseline']['test_accuracy']:.3f}  train {s['train']['train_seconds']:.0f} s")
     return 0

