@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from twinmerge.progress import progress_bar
 from transformers import AutoTokenizer
 
 from tasks.modularize import load_shared, open_pool
@@ -179,7 +179,7 @@ def evaluate(params: Params, shared_dir="artifacts/shared", factors_dir="artifac
     baselines = params.evaluate.baselines
     if baselines:
         val_ref = ev.expert_scores(val)
-        for spec in tqdm(baselines, desc="baselines"):
+        for spec in progress_bar(baselines, desc="baselines"):
             name = spec.method if spec.method not in rows else f"{spec.method}_{len(rows)}"
             options, backbone, val_mean = choose_baseline(ev, spec, val, val_ref)
             choices[name] = {"options": options, "validation_mean_normalized": val_mean}

@@ -83,7 +83,7 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     import transformers
-    from tqdm.auto import tqdm
+    from twinmerge.progress import progress_bar
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     transformers.logging.set_verbosity_error()
@@ -123,7 +123,7 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
     t0 = time.perf_counter()
     model.train()
     step, losses = 0, []
-    bar = tqdm(total=total_steps, desc=f"train {task}", disable=not progress, leave=False)
+    bar = progress_bar(total=total_steps, desc=f"train {task}", disable=not progress, unit="step")
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=zoo.max_length)["input_ids"]]
     while step < total_steps:
         for idx in length_grouped_batches(lengths, zoo.batch_size, gen):
