@@ -23,13 +23,15 @@ from twinmerge.io import ExpertSet, atomic_dir
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERNS = ("*.safetensors", "*.json", "vocab.txt", "merges.txt", "*.model", "tokenizer*")
+# Training logs, not part of the model: never copied, so never in an expert's fingerprint.
+TRAINING_LOGS = ("scores.json", "trainer_state.json", "*results.json")
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
     """Files of a checkpoint folder worth copying: weights (safetensors only), configs, tokenizer files."""
     files = set()
     for pattern in CHECKPOINT_PATTERNS:
-        files.update(p for p in folder.glob(pattern) if p.is_file())
+        files.update(p for p in folder.glob(pattern) if p.is_file() and not any(p.match(t) for t in TRAINING_LOGS))
     return sorted(files)
 
 
