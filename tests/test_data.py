@@ -409,13 +409,9 @@ def test_locate_base_model_fetched_then_installed_without_import(tmp_path, monke
 # ----------------------------------------------------------------------------------------------- train_expert
 def _tiny_expert_inputs(tmp_path):
     """A tiny random BERT base with a word-level tokenizer, one 2-label task table and params naming them."""
-    from transformers import BertTokenizerFast
-
-    from tiny_models import TINY, make_base
+    from tiny_models import add_word_tokenizer, make_base
     base = make_base(tmp_path, "bert", bare_backbone=True)
-    words = [f"w{i}" for i in range(TINY["vocab_size"] - 5)]
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(base)
+    words = add_word_tokenizer(base)
     rng = np.random.default_rng(0)
     splits = {s: pd.DataFrame({"text": [" ".join(rng.choice(words[:20] if y else words[20:], 6)) for y in labels],
                                "label": labels})

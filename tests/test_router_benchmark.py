@@ -44,3 +44,39 @@ def test_cross_validation_scores_each_fold_with_a_router_that_never_saw_it(monke
     for f, rows in enumerate(seen):
         assert rows == set((folds != f).nonzero().flatten().tolist())
     assert min(accs) > 0.9
+
+
+def test_benchmark_prints_cv_table_and_one_test_line(tmp_path, monkeypatch, capsys):
+    """End to end on a tiny shared model and three word-slice tasks: a CV row per setting, then exactly one
+    test number, for the setting with the best CV mean."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from tiny_models import add_word_tokenizer, make_base
+    shared = make_base(tmp_path / "artifacts", "bert", bare_backbone=True, name="shared")
+    words = add_word_tokenizer(shared)
+    rng = np.random.default_rng(0)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["experts"] = {}
+    for t in range(3):  # task t's texts use words [30 t, 30 t + 30)
+        folder = tmp_path / "artifacts" / "taskdata" / f"task{t}"
+        folder.mkdir(parents=True)
+        for split, n in (("validation", 40), ("test", 20)):
+            texts = [" ".join(rng.choice(words[30 * t:30 * t + 30], 5)) for _ in range(n)]
+            pd.DataFrame({"text": texts, "label": [0] * n}).to_parquet(folder / f"{split}.parquet")
+        params["experts"][f"task{t}"] = {"path": str(shared), "task": f"task{t}", "data": str(folder)}
+    params["router"].update(epochs=20, patience=5, lr=1e-2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    only = r"^last layer, mean(, linear router| \(paper\))$"
+    monkeypatch.setattr("sys.argv", ["router_features.py", "--folds", "3", "--only", only])
+    RF.main()
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("| last layer")]
+    assert len(rows) == 2 and all(len(r.split("|")) == 3 + 3 + 2 for r in rows)  # setting, mean, std, 3 tasks
+    means = {r.split("|")[1].strip(): float(r.split("|")[2]) for r in rows}
+    chosen = [line for line in out if line.startswith("chosen on validation")]
+    assert len(chosen) == 1 and chosen[0].count("test routing accuracy") == 1
+    best = [name for name, m in means.items() if m == max(means.values())]  # as printed (rounded)
+    assert any(chosen[0].startswith(f"chosen on validation: {name} (") for name in best)
