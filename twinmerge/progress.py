@@ -2,9 +2,9 @@
 
 When stderr is not a terminal (a DVC stage under the Prefect flow, a CI log) every tqdm refresh would become
 a log line, hundreds per stage. There `progress_bar` logs instead, at INFO on the `twinmerge.progress` logger:
-a line every `interval` seconds (default 30), or sooner when another `step` of the total is done (default 10%)
-and at least a tenth of `interval` has passed since the last line, plus a closing line. Loops shorter than a
-tenth of `interval` (most evaluation passes) log nothing.
+once a loop has run for `interval` seconds (default 30), a line every `interval` seconds or sooner when another
+`step` of the total is done (default 10%, at most one line per tenth of `interval`), plus a closing line.
+Loops shorter than `interval` (the many prediction passes of `evaluate`) log nothing.
 """
 import logging
 import sys
@@ -48,14 +48,15 @@ class _LogProgress:
         since = now - self.last
         stepped = bool(self.total) and (self.n - self.reported) >= self.step * self.total
         finished = bool(self.total) and self.n >= self.total  # the closing line reports it
-        if not finished and (since >= self.interval or (stepped and since >= self.interval / 10)):
+        long = now - self.start >= self.interval
+        if not finished and long and (since >= self.interval or (stepped and since >= self.interval / 10)):
             self._emit(now)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             now = time.monotonic()
-            if now - self.start >= self.interval / 10:
+            if now - self.start >= self.interval:
                 self._emit(now, done=True)
 
     def _emit(self, now: float, done: bool = False) -> None:
