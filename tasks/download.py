@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 # What a checkpoint is: weights, configs and tokenizer files; not training logs (an expert folder's scores.json,
 # trainer_state.json, ...), so an expert's copy and fingerprint change only when its weights or configs do.
 CHECKPOINT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-                       "special_tokens_map.json", "added_tokens.json", "tokenizer*", "vocab.txt", "vocab.json",
-                       "merges.txt", "*.model")
+                       "adapter_config.json", "preprocessor_config.json", "special_tokens_map.json",
+                       "added_tokens.json", "tokenizer*", "vocab.txt", "vocab.json", "merges.txt", "*.model")
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:

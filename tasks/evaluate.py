@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from tasks.modularize import load_shared, open_pool
@@ -34,6 +33,7 @@ from twinmerge.merge import MERGE_METHODS, build_shared_expert
 from twinmerge.metrics import answered_predictions
 from twinmerge.metrics import score as metric_score
 from twinmerge.modelpool import assemble_classifier, map_batches, predict_logits
+from twinmerge.progress import progress_bar
 from twinmerge.router import load_router, route
 
 Split = dict[str, tuple[list[str], list[int]]]
@@ -211,7 +211,7 @@ def evaluate(params: Params, shared_dir="artifacts/shared", factors_dir="artifac
     baselines = params.evaluate.baselines
     if baselines:
         val_ref = ev.expert_scores(val)
-        for spec in tqdm(baselines, desc="baselines"):
+        for spec in progress_bar(baselines, desc="baselines"):
             name = spec.method if spec.method not in rows else f"{spec.method}_{len(rows)}"
             options, backbone, val_mean = choose_baseline(ev, spec, val, val_ref)
             choices[name] = {"options": options, "validation_mean_normalized": val_mean}

@@ -7,7 +7,10 @@ torch loop (no Trainer), seeded, `zoo.threads` torch threads (at most OMP_NUM_TH
 
 Writes `<experts_dir>/<task>/` atomically (temp folder, then rename) in Hugging Face layout
 (model.safetensors, config.json, tokenizer files) plus `scores.json`: validation and test accuracy and
-macro-F1, the majority-class baseline on test (class chosen on train), train time and the params used.
+macro-F1, the majority-class baseline on test (class chosen on train), the final loss and the params used: the
+folder is a pure function of the inputs and the seed (byte-identical on a re-run), so DVC and the registry's
+fingerprints see a re-trained expert as unchanged. Wall-clock timings go to `logs/timings/train_expert-<task>.json`
+(git-ignored, no stage's dependency or output).
 """
 import json
 import logging
@@ -22,10 +25,12 @@ import numpy as np
 from tasks.fetch import locate_base_model
 from tasks.params import TASK_NAMES, ParamsError, inside_project, load_params, stage_item
 from tasks.prepare import load_label_names, load_split
-from twinmerge.io import atomic_dir
+from twinmerge.io import atomic_dir, write_json_atomic
 from twinmerge.metrics import accuracy, macro_f1
 
 log = logging.getLogger(__name__)
+
+TIMINGS_DIR = Path("logs/timings")  # outside every DVC dependency and output
 
 
 def _seed_all(seed: int) -> None:
@@ -70,13 +75,15 @@ def length_grouped_batches(lengths: list[int], batch_size: int, gen, group: int 
     return [batches[o] for o in order]
 
 
-def train_expert(task: str, params, out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Fine-tune the expert of `task`; write it to `<experts_dir>/<task>` (or out_dir); return scores."""
+def train_expert(task: str, params, out_dir: str | Path | None = None, progress: bool = True,
+                 timings_dir: str | Path = TIMINGS_DIR) -> dict:
+    """Fine-tune the expert of `task`; write it to `<experts_dir>/<task>` (or out_dir) and its wall-clock
+    timings to `<timings_dir>/train_expert-<task>.json`; return scores plus {"timings": {...}}."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     import transformers
-    from tqdm.auto import tqdm
+    from twinmerge.progress import progress_bar
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     transformers.logging.set_verbosity_error()
@@ -116,7 +123,7 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
     t0 = time.perf_counter()
     model.train()
     step, losses = 0, []
-    bar = tqdm(total=total_steps, desc=f"train {task}", disable=not progress, leave=False)
+    bar = progress_bar(total=total_steps, desc=f"train {task}", disable=not progress, unit="step")
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=zoo.max_length)["input_ids"]]
     while step < total_steps:
         for idx in length_grouped_batches(lengths, zoo.batch_size, gen):
@@ -147,8 +154,7 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
     y_test = splits["test"]["label"].to_numpy()
     scores["majority_baseline"] = {"label": names[majority], "test_accuracy": accuracy(np.full_like(y_test, majority), y_test),
                                    "test_macro_f1": macro_f1(np.full_like(y_test, majority), y_test)}
-    scores["train"] = {"n": n, "steps": total_steps, "final_loss": float(np.mean(losses[-20:])),
-                       "train_seconds": round(train_s, 2), "eval_seconds": round(time.perf_counter() - t1, 2)}
+    scores["train"] = {"n": n, "steps": total_steps, "final_loss": float(np.mean(losses[-20:]))}
     scores["params"] = {"seed": params.seed, "base": str(base), **zoo.model_dump(exclude={"experts_dir"})}
     scores["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -156,9 +162,11 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    timings = {"task": task, "train_seconds": round(train_s, 2), "eval_seconds": round(time.perf_counter() - t1, 2)}
+    write_json_atomic(timings, Path(timings_dir) / f"train_expert-{task}.json")
     log.info("%s: test accuracy %.3f, macro-F1 %.3f (majority %.3f), %.0f s", task, scores["test"]["accuracy"],
              scores["test"]["macro_f1"], scores["majority_baseline"]["test_accuracy"], train_s)
-    return scores
+    return {**scores, "timings": timings}
 
 
 def add_arguments(parser) -> None:
@@ -176,5 +184,5 @@ def main(args) -> int:
     out_dir = inside_project(params.zoo.experts_dir, "zoo.experts_dir", args.params) / task
     s = train_expert(task, params, out_dir, progress=not args.no_progress)
     print(f"{task}: test accuracy {s['test']['accuracy']:.3f}  macro-F1 {s['test']['macro_f1']:.3f}  "
-          f"majority {s['majority_baseline']['test_accuracy']:.3f}  train {s['train']['train_seconds']:.0f} s")
+          f"majority {s['majority_baseline']['test_accuracy']:.3f}  train {s['timings']['train_seconds']:.0f} s")
     return 0

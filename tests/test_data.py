@@ -449,6 +449,47 @@ def test_locate_base_model_fetched_then_installed_without_import(tmp_path, monke
     assert "fake_model" not in sys.modules
 
 
+# ----------------------------------------------------------------------------------------------- train_expert
+def _tiny_expert_inputs(tmp_path):
+    """A tiny random BERT base with a word-level tokenizer, one 2-label task table and params naming them."""
+    from tiny_models import add_word_tokenizer, make_base
+    base = make_base(tmp_path, "bert", bare_backbone=True)
+    words = add_word_tokenizer(base)
+    rng = np.random.default_rng(0)
+    splits = {s: pd.DataFrame({"text": [" ".join(rng.choice(words[:20] if y else words[20:], 6)) for y in labels],
+                               "label": labels})
+              for s, labels in (("train", [0, 1] * 24), ("validation", [0, 1] * 4), ("test", [0, 1] * 5))}
+    P.write_task(tmp_path / "tasks" / "toy", splits, ["neg", "pos"], "toy task\n")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["base"] = {"path": str(base)}
+    params["data"]["tasks_dir"] = str(tmp_path / "tasks")
+    params["zoo"].update(epochs=1, batch_size=8, threads=1, max_length=16)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return load_params(tmp_path / "params.yaml")
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {f.relative_to(folder).as_posix(): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_train_expert_output_is_byte_identical_and_timings_stay_outside(tmp_path):
+    """Same inputs and seed -> the same expert folder byte for byte (DVC hash and registry fingerprint stay put);
+    the wall-clock timings go to the timings folder, not into the DVC-tracked scores.json."""
+    from tasks.registry import folder_fingerprint
+    from tasks.train_expert import train_expert
+    params = _tiny_expert_inputs(tmp_path)
+    runs = [tmp_path / "run1", tmp_path / "run2"]
+    for out in runs:
+        train_expert("toy", params, out_dir=out, progress=False, timings_dir=tmp_path / "logs")
+    first, second = (_folder_bytes(out) for out in runs)
+    assert "model.safetensors" in first and "scores.json" in first
+    assert first == second
+    assert folder_fingerprint(runs[0]) == folder_fingerprint(runs[1])
+    assert "seconds" not in first["scores.json"].decode()
+    timings = json.loads((tmp_path / "logs" / "train_expert-toy.json").read_text())
+    assert timings["task"] == "toy" and timings["train_seconds"] >= 0
+
+
 # ----------------------------------------------------------------------------------------------- e2e
 @pytest.mark.e2e
 def test_e2e_smoke_fetch_prepare_train(tmp_path, monkeypatch):

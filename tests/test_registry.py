@@ -152,6 +152,9 @@ def test_fingerprint_follows_checkpoint_content_only(tmp_path, tiny_bert):
     first = registry.folder_fingerprint(folder)
     (folder / "notes.md").write_text("not a checkpoint file")
     assert registry.folder_fingerprint(folder) == first
+    for log_file in ("scores.json", "trainer_state.json", "eval_results.json"):  # training logs, not the model
+        (folder / log_file).write_text('{"train_seconds": 12.3}')
+        assert registry.folder_fingerprint(folder) == first
     config = json.loads((folder / "config.json").read_text())
     config["id2label"] = {"0": "neg", "1": "pos"}
     (folder / "config.json").write_text(json.dumps(config))

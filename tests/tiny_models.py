@@ -38,6 +38,18 @@ def make_base(tmp: str | Path, arch: str = "bert", bare_backbone: bool = False, 
     return folder
 
 
+def add_word_tokenizer(folder: str | Path) -> list[str]:
+    """Save a BERT WordPiece tokenizer over TINY's vocabulary (5 special tokens + words w0, w1, ...) into
+    `folder`; return the words."""
+    from transformers import BertTokenizerFast
+
+    words = [f"w{i}" for i in range(TINY["vocab_size"] - 5)]
+    vocab = Path(folder) / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    return words
+
+
 def make_experts(tmp: str | Path, base_folder: str | Path, num_labels=(2, 3, 4), seed: int = 1,
                  noise: float = 0.02, names=None) -> dict[str, Path]:
     """Write one expert per entry of `num_labels` to `tmp/<name>`; return {name: folder} in order.

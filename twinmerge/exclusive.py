@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
+from twinmerge.progress import progress_bar
 
 from .errors import FactorError
 from .io import ExpertSet, save_safetensors_atomic
@@ -193,7 +193,7 @@ def compress_expert(experts: ExpertSet, shared: Mapping[str, torch.Tensor], expe
     ranks: dict[str, int] | None = None
     if rank_spec.is_budget:
         spectra = {}
-        for key in tqdm(keys, desc=f"spectra ({expert_name})", unit="tensor", disable=not progress):
+        for key in progress_bar(keys, desc=f"spectra ({expert_name})", unit="tensor", disable=not progress):
             v = delta(key)
             if v.ndim == 2 and bool(v.any()):
                 spectra[key] = (singular_values(v), *v.shape)
@@ -204,7 +204,7 @@ def compress_expert(experts: ExpertSet, shared: Mapping[str, torch.Tensor], expe
     tensors: dict[str, torch.Tensor] = {}
     per: dict[str, dict[str, Any]] = {}
     err2 = norm2 = 0.0
-    for key in tqdm(keys, desc=f"compress ({expert_name})", unit="tensor", disable=not progress):
+    for key in progress_bar(keys, desc=f"compress ({expert_name})", unit="tensor", disable=not progress):
         v = delta(key)
         row = per[key] = {"shape": list(v.shape), "dense_bytes": v.numel() * 4}
         if not bool(v.any()):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from twinmerge.progress import progress_bar
 
 from .errors import MergeError
 from .io import ExpertSet
@@ -222,7 +222,7 @@ def build_shared_expert(experts: ExpertSet, method: str, options: Mapping[str, A
     thresholds = global_thresholds(experts, merged, method, opts, progress) if _uses_global_trim(method, opts) \
         else None
     state: dict[str, torch.Tensor] = {}
-    for key in tqdm(keys, desc=f"merge ({method})", unit="tensor", disable=not progress):
+    for key in progress_bar(keys, desc=f"merge ({method})", unit="tensor", disable=not progress):
         base = experts.base_tensor(key)
         if key not in selected:
             state[key] = base

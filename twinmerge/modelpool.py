@@ -7,7 +7,7 @@
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from twinmerge.progress import progress_bar
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
 from twinmerge.errors import CheckpointError
@@ -66,7 +66,7 @@ def map_batches(fn: Callable[[list[int], dict], torch.Tensor], tokenizer, texts:
                 max_length: int = 128, desc: str | None = None) -> torch.Tensor:
     """Apply fn(indices, encoded_batch) -> Tensor[b, ...] over texts; rows returned in the input order."""
     out = None
-    with tqdm(total=len(texts), desc=desc, disable=True if desc is None else None, leave=False) as bar:
+    with progress_bar(total=len(texts), desc=desc, disable=desc is None) as bar:
         for idx, enc in batches_by_length(tokenizer, texts, batch_size, max_length):
             rows = fn(idx, dict(enc))
             if out is None:

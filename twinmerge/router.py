@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
+from twinmerge.progress import progress_bar
 
 from twinmerge.dynamic import top_k_weights
 from twinmerge.errors import CheckpointError, TwinMergeError
@@ -70,7 +70,7 @@ def extract_features(model, tokenizer, texts, layers=(-1,), pooling="mean", batc
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = [None] * len(texts)
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="router features", disable=not progress):
+        for start in progress_bar(range(0, len(texts), batch_size), desc="router features", disable=not progress):
             chunk = order[start:start + batch_size]
             enc = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt").to(next(encoder.parameters()).device)
@@ -178,7 +178,7 @@ def _fit(router, features, labels, fit, hold, config, epochs, progress):
     opt = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     g = torch.Generator().manual_seed(config.seed)
     best, best_key, best_epoch, history, stale = None, None, 0, [], 0
-    for epoch in tqdm(range(1, epochs + 1), desc="router", disable=not progress):
+    for epoch in progress_bar(range(1, epochs + 1), desc="router", disable=not progress):
         router.train()
         perm, total = fit[torch.randperm(len(fit), generator=g)], 0.0
         for start in range(0, len(perm), config.batch_size):
