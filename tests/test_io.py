@@ -313,3 +313,24 @@ def test_save_hf_model_failure_keeps_old_folder(tmp_path, tiny_bert, monkeypatch
         save_hf_model({"a": torch.zeros(1)}, {"model_type": "bert"}, out)
     assert torch.equal(load_file(out / "model.safetensors")["a"], torch.ones(1))
     assert _no_tmp_files(tmp_path)
+
+
+def test_safetensors_bytes_do_not_depend_on_the_process(tmp_path):
+    """The safetensors writer orders metadata by a per-process hash seed: the same tensors and metadata must
+    still give the same bytes in every process (else every DVC out hash changes run to run)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sys; from twinmerge.io import save_safetensors_atomic; "
+            "save_safetensors_atomic({'b': torch.arange(6.).reshape(2, 3), 'a': torch.ones(4, dtype=torch.float16)}, "
+            "sys.argv[1], {k: k * 3 + 'é' for k in 'format expert factor_dtype rank_spec config zz'.split()})")
+    outs = []
+    for i in range(6):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+        outs.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert all(o == outs[0] for o in outs)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "0.safetensors", "pt") as f:
+        assert f.metadata()["expert"] == "expertexpertexperté" and f.get_tensor("b")[1, 2] == 5

@@ -463,7 +463,32 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Pat
             t = t.clone()
         seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
         out[key] = t
-    return atomic_write(path, lambda tmp: save_file(out, tmp, metadata=dict(metadata) if metadata else None))
+
+    def write(tmp: str) -> None:
+        save_file(out, tmp, metadata=dict(metadata) if metadata else None)
+        _sort_header_metadata(tmp)
+    return atomic_write(path, write)
+
+
+def _sort_header_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted, in place and at the same length.
+
+    The safetensors writer serialises metadata from a hash map whose order changes from process to process, so
+    the same tensors and metadata gave different bytes (and DVC hashes) on every run. Header = 8-byte
+    little-endian length N + N bytes of JSON, space-padded; the data offsets inside it do not depend on key
+    order, and the sorted JSON is never longer (same entries, same compact separators)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) > n:
+            raise CheckpointError(f"{path}: safetensors header grew when its metadata was sorted")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def write_json_atomic(obj, path: str | Path) -> Path:
