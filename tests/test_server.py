@@ -37,6 +37,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 def test_killed_run_takes_its_temporary_server_with_it(tmp_path):
     (tmp_path / "dvc.yaml").write_text(STAGE.format(python=sys.executable))
+    (tmp_path / "params.yaml").write_text("base: {path: base}\n")  # `twinmerge run` validates it first
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
         subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)

@@ -187,7 +187,7 @@ def global_thresholds(experts: ExpertSet, keys: list[str], method: str, opts: Ma
     when TIES is DARE's base method: the same per-tensor draws are replayed). One pass per task: memory of one
     task vector (float32), not n."""
     out = []
-    for t, name in enumerate(tqdm(experts.names, desc="TIES global trim", disable=not progress)):
+    for t, name in enumerate(progress_bar(experts.names, desc="TIES global trim", disable=not progress)):
         parts = []
         for key in keys:
             base32 = experts.base_tensor(key).to(torch.float32)
