@@ -187,6 +187,17 @@ def test_bad_weights_shape(pool):
         dyn(ids, mask, weights=torch.ones(ids.shape[0], 2))
 
 
+def _assert_mixed_routing_equals_materialize(dyn, ids, mask):
+    """Three samples with mixed weights, all experts and top-2: each equals its materialised model."""
+    weights = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    for top_k in (None, 2):
+        out = dyn(ids, mask, weights=weights, top_k=top_k)
+        w = weights if top_k is None else top_k_weights(weights, top_k)[0]
+        for b in range(3):
+            ref = dyn.materialize(w[b])(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0]
+            torch.testing.assert_close(out.per_sample()[b], ref, atol=TOL, rtol=0)
+
+
 def _pipeline(base, experts, tmp_path, rank_spec, factor_dtype):
     """The project's own path: ExpertSet -> Task Arithmetic theta_s -> factor files -> DynamicTwinModel."""
     from twinmerge.exclusive import RankSpec, compress_expert, factor_metadata, load_factors, save_factors
@@ -229,13 +240,7 @@ def test_project_factor_files(expert_set, tmp_path, request):
         torch.testing.assert_close(got.float(), ref(input_ids=ids[t:t + 1], attention_mask=mask[t:t + 1]).logits[0],
                                    atol=TOL, rtol=0)
     dyn, _ = _pipeline(base, experts, tmp_path, ("fraction", 0.25), "float16")
-    weights = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.1, 0.1, 0.8]], dtype=torch.float64)
-    for top_k in (None, 2):
-        out = dyn(ids, mask, weights=weights, top_k=top_k)
-        w = weights if top_k is None else top_k_weights(weights, top_k)[0]
-        for b in range(3):
-            ref = dyn.materialize(w[b])(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0]
-            torch.testing.assert_close(out.per_sample()[b], ref, atol=TOL, rtol=0)
+    _assert_mixed_routing_equals_materialize(dyn, ids, mask)
 
 
 @pytest.mark.parametrize("rank_spec", [("budget_bytes", 600), ("budget_fraction", 0.005)])
@@ -249,10 +254,4 @@ def test_budget_dropping_a_weight_in_every_expert(tiny_bert, tmp_path, rank_spec
     assert dropped, "the budget should drop some weight in every expert"
     ids, mask = _batch(seed=3, lengths=(6, 4, 8))
     ids = ids.clamp(max=99)
-    weights = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.1, 0.1, 0.8]], dtype=torch.float64)
-    for top_k in (None, 2):
-        out = dyn(ids, mask, weights=weights, top_k=top_k)
-        w = weights if top_k is None else top_k_weights(weights, top_k)[0]
-        for b in range(3):
-            ref = dyn.materialize(w[b])(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits[0]
-            torch.testing.assert_close(out.per_sample()[b], ref, atol=TOL, rtol=0)
+    _assert_mixed_routing_equals_materialize(dyn, ids, mask)
