@@ -1,6 +1,6 @@
 """Inference cost of Twin-Merging's dynamic merging on a MiniLM-sized random BERT (not a test).
 
-Compares, at batch 32 x seq 64 with 2 threads: the static shared model; the batched DynamicTwinModel over all
+Compares, at batch 32 x seq 64 with 2 threads: the static shared model; the batched RoutedDeltaModel over all
 6 experts and with top-2 routing; and the official approach (a dense parameter set theta_s + sum_t w_t v_t
 materialised per sample, then run at batch 1 with torch.func.functional_call, v_t pre-stored dense as the
 official code does). Exclusive knowledge is rank 10% of min(m, n) thin-SVD factors (twinmerge format).
@@ -21,7 +21,7 @@ import torch
 from torch.func import functional_call
 from transformers import BertConfig, BertForSequenceClassification
 
-from twinmerge.dynamic import DynamicTwinModel
+from twinmerge.routed import RoutedDeltaModel
 from twinmerge.exclusive import ExclusiveFactors
 
 LIBC = ctypes.CDLL("libc.so.6")
@@ -122,7 +122,7 @@ def main():
     weights = torch.softmax(torch.randn(BATCH, N_EXPERTS, generator=g), 1)
 
     static_bytes = tensor_bytes(shared.state_dict().values())
-    dyn = DynamicTwinModel(copy.deepcopy(shared), factors)
+    dyn = RoutedDeltaModel(copy.deepcopy(shared), factors)
     dyn_bytes = static_bytes + tensor_bytes(dyn.buffers()) + tensor_bytes(
         p for m in dyn.model.modules() if hasattr(m, "heads") for p in m.parameters())
     shared_params = shared.state_dict()

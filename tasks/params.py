@@ -248,22 +248,69 @@ class RouterParams(_Strict):
         return data
 
 
-class BaselineSpec(_Strict):
-    method: Name
+METHOD_KINDS = ("static", "routed")
+
+
+class MethodSpec(_Strict):
+    """One method to build and evaluate: `method` (registry key, default the entry's own key), its options, and
+    a grid {option: [values]} chosen on validation data."""
+
+    method: Name | None = None
     options: dict = Field(default_factory=dict)
-    grid: dict[str, list[float]] = Field(default_factory=dict)  # option -> values, chosen on validation data
+    grid: dict[str, list] = Field(default_factory=dict)
+
+
+class MethodsParams(_Strict):
+    """The methods to run, by section: static merges (`static@<key>` stages) and routed methods (`routed@<key>`).
+    The entry key names the method's rows (routed: <key>_<mode>) and its artifacts/methods/<key>/ folder."""
+
+    static: dict[Name, MethodSpec] = Field(default_factory=dict)
+    routed: dict[Name, MethodSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self):
+        from twinmerge.merge import resolve_options
+        from twinmerge.methods import METHODS
+        from twinmerge.methods.base import check_options
+
+        for kind in METHOD_KINDS:
+            for key, spec in getattr(self, kind).items():
+                spec.method = spec.method or key
+                method = METHODS.get(spec.method)
+                if method is None:
+                    raise ValueError(f"{kind}.{key}: unknown method {spec.method!r}; known: {', '.join(METHODS)}")
+                if method.kind != kind:
+                    raise ValueError(f"{kind}.{key}: {spec.method!r} is a {method.kind} method; list it under "
+                                     f"methods.{method.kind}")
+                try:
+                    options = resolve_options(spec.method, spec.options) if kind == "static" \
+                        else check_options(spec.method, method.defaults, spec.options)
+                except ValueError as e:
+                    raise ValueError(f"{kind}.{key}: {e}") from None
+                unknown = sorted(set(spec.grid) - set(options))
+                if unknown or any(not values for values in spec.grid.values()):
+                    raise ValueError(f"{kind}.{key}: grid over unknown option(s) {', '.join(unknown)}" if unknown
+                                     else f"{kind}.{key}: a grid option has no values")
+        return self
 
 
 class EvaluateParams(_Strict):
     """Evaluation and inference options. temperature / top_k: routing weights softmax(logits / T), top-k
     renormalised; used by `evaluate` and written into the bundle (the router stage does not read them)."""
 
-    baselines: list[BaselineSpec] = Field(default_factory=list)
     batch_size: int = Field(64, ge=1)
     max_length: int = Field(64, ge=8, le=512)
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     regression_threshold: float = Field(2.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "baselines" in data:
+            raise ValueError("baselines moved to methods.static (one entry per method: <key>: {method, options, "
+                             "grid}; see params.yaml)")
+        return data
 
 
 class WatchParams(_Strict):
@@ -284,6 +331,7 @@ class Params(_Strict):
     compress: CompressParams = Field(default_factory=CompressParams)
     router: RouterParams = Field(default_factory=RouterParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    methods: MethodsParams = Field(default_factory=MethodsParams)
     watch: WatchParams = Field(default_factory=WatchParams)
 
 

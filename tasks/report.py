@@ -37,8 +37,10 @@ def markdown_report(metrics: dict, history_section: str = "") -> str:
     if metrics.get("choices"):
         lines += ["", "Baseline options chosen on validation data:", ""]
         for name, choice in metrics["choices"].items():
+            if choice.get("validation_mean_normalized") is None:
+                continue
             opts = ", ".join(f"{k}={v}" for k, v in choice["options"].items())
-            lines.append(f"- {_label(name, methods[name])}: {opts} (validation mean normalised "
+            lines.append(f"- {_label(name, methods.get(name, {}))}: {opts} (validation mean normalised "
                          f"{choice['validation_mean_normalized']:.1f})")
     routing = metrics.get("routing")
     if routing:
@@ -51,7 +53,7 @@ def markdown_report(metrics: dict, history_section: str = "") -> str:
         lines += ["", f"Exclusive knowledge: {storage['exclusive_bytes'] / 2**20:.2f} MiB of factors vs "
                   f"{storage['dense_exclusive_bytes'] / 2**20:.2f} MiB dense float32 "
                   f"({100 * storage['exclusive_ratio']:.1f}%); all experts dense: "
-                  f"{storage['dense_experts_bytes'] / 2**20:.1f} MiB."]
+                  f"{methods['experts']['stored_bytes'] / 2**20:.1f} MiB."]
     if history_section:
         lines += ["", history_section]
     lines += ["", "![normalised scores](normalized_scores.png)", "", "![routing](routing_confusion.png)", "",

@@ -18,7 +18,9 @@ import yaml
 
 from tasks import bundle as bundle_step
 from tasks import compress as compress_step
-from tasks import download, evaluate, modularize, report, route
+from tasks import download, evaluate, modularize, report, route, score_experts
+from tasks import method as method_step
+from tasks.params import METHOD_KINDS
 from tasks.params import ParamsError, load_params
 from tiny_models import make_base, make_experts
 from twinmerge.bundle import TwinBundle
@@ -62,9 +64,9 @@ def project(tmp_path_factory):
               "merge": {"method": "task_arithmetic", "options": {"scaling": 0.4}},
               "compress": {"rank": {"mode": "fraction", "value": 0.25}, "dtype": "float32"},
               "router": {"epochs": 200, "patience": 60, "batch_size": 16, "max_length": 16, "dropout": 0.1},
-              "evaluate": {"batch_size": 8, "max_length": 16,
-                           "baselines": [{"method": "weight_average"},
-                                         {"method": "task_arithmetic", "grid": {"scaling": [0.3, 0.6]}}]}}
+              "evaluate": {"batch_size": 8, "max_length": 16},
+              "methods": {"static": {"weight_average": {}, "task_arithmetic": {"grid": {"scaling": [0.3, 0.6]}}},
+                          "routed": {"twin": {}}}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -83,6 +85,10 @@ def ran(project):
     for name in params.experts:
         compress_step.compress(params, name, progress=False)
     router_summary = route.fit_router(params, progress=False)
+    score_experts.score_experts(params)
+    for kind in METHOD_KINDS:
+        for key in getattr(params.methods, kind):
+            method_step.run_method(params, kind, key, progress=False)
     metrics = evaluate.evaluate(params)
     report.build_report("artifacts/eval/metrics.json", "artifacts/report")
     bundle_step.bundle(params)
@@ -165,13 +171,16 @@ def test_twin_router_score_is_what_a_user_of_the_bundle_gets(ran, project):
 def test_storage_counts_every_head_once(ran, project):
     """Twin rows store the shared backbone, the experts' factors (heads excluded) and each head once."""
     params, metrics, _ = ran
-    storage = metrics["storage"]
     stats = [json.loads((project / f"artifacts/exclusive/{n}.stats.json").read_text())["totals"]
              for n in params.experts]
     heads = sum(s["head_bytes"] for s in stats)
-    assert storage["head_bytes"] == heads
-    backbone = storage["bytes_by_method"]["shared"] - heads
-    assert storage["bytes_by_method"]["twin_router"] == backbone + sum(s["exclusive_bytes"] for s in stats) + heads
+    rows = metrics["methods"]
+    backbone = rows["shared"]["stored_bytes"] - heads
+    router = (project / "artifacts/router/model.safetensors").stat().st_size
+    exclusive = sum(s["exclusive_bytes"] for s in stats)
+    assert rows["twin_router"]["stored_bytes"] == backbone + exclusive + heads + router
+    assert rows["experts"]["stored_bytes"] == len(params.experts) * backbone + heads
+    assert rows["task_arithmetic"]["stored_bytes"] == rows["base_heads"]["stored_bytes"] == backbone + heads
 
 
 def test_router_learns_vocabulary_slices(ran):
@@ -385,20 +394,3 @@ def test_hub_branch_revision_warns_and_commit_is_recorded(tmp_path, caplog):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": {"path": str(tmp_path / "main")}}))
     manifest = download.download_base(load_params(tmp_path / "params.yaml"), tmp_path / "base")
     assert manifest["source"]["hub"]["commit"] == commit
-
-
-@pytest.mark.parametrize("method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
-                                            ("dare", {"drop_rate": 0.5, "seed": 3})])
-def test_scaling_grid_equals_direct_merges(tiny_bert, method, options):
-    """evaluate's grid shortcut (merge once, rescale) equals merging at each scaling."""
-    from tasks.params import BaselineSpec
-    from twinmerge.io import ExpertSet
-    from twinmerge.merge import build_shared_expert
-
-    base, experts = tiny_bert
-    pool = ExpertSet(base, experts)
-    spec = BaselineSpec(method=method, options=options, grid={"scaling": [0.3, 0.8]})
-    for opts, backbone in evaluate.grid_backbones(pool, spec):
-        direct, _ = build_shared_expert(pool, method, opts, progress=False)
-        for k in direct:
-            torch.testing.assert_close(backbone[k], direct[k], rtol=1e-5, atol=1e-6)

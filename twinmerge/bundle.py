@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from twinmerge.dynamic import DynamicTwinModel
+from twinmerge.routed import RoutedDeltaModel
 from twinmerge.errors import CheckpointError, InputError
 from twinmerge.exclusive import load_factors
 from twinmerge.io import SAFETENSORS, atomic_dir
@@ -94,7 +94,7 @@ class TwinBundle:
     tokenizer: object
     feature_model: torch.nn.Module
     router: SavedRouter
-    dynamic: DynamicTwinModel
+    dynamic: RoutedDeltaModel
     max_length: int
     temperature: float
     top_k: int | None
@@ -107,7 +107,7 @@ class TwinBundle:
         shared = load_shared(folder / "shared")
         head = factors[0].head
         feature_model = assemble_classifier(factors[0].config, {**shared, **head})
-        dynamic = DynamicTwinModel(assemble_classifier(factors[0].config, {**shared, **head}), factors)
+        dynamic = RoutedDeltaModel(assemble_classifier(factors[0].config, {**shared, **head}), factors)
         router = load_router(folder / "router")
         router.check_feature_model(folder / "shared" / SAFETENSORS)
         tokenizer = AutoTokenizer.from_pretrained(folder / "shared")

@@ -9,6 +9,7 @@ tensors per task, memory of one task vector) and then merges tensor by tensor; `
 top-k% of each tensor (mergekit's choice). The two give different merges.
 """
 import fnmatch
+import inspect
 import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -78,19 +79,33 @@ def dare_drop(taus: torch.Tensor, drop_rate: float, generator: torch.Generator |
     return taus * keep / (1.0 - drop_rate)
 
 
+# Arguments of a method function that are not user options.
+_NOT_OPTIONS = {"taus", "generator", "thresholds"}
+
+
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method: `fn(taus [n, *shape], **options) -> [*shape]`, its human label and paper.
+    """A registered merge method: `fn(taus [n, *shape], **options) -> [*shape]`, its label and paper.
 
-    `checks` maps each option name to (predicate, description of valid values). Random methods take a
-    `generator` argument and a `seed` option; `merge_tensor` derives a per-tensor generator from them.
+    Its options and their defaults are read from `fn`'s signature (every keyword argument except `taus`,
+    `generator`, `thresholds` and `**base_options`); random methods also take a `seed` option (default 0):
+    `merge_tensor` derives a per-tensor generator from it. `checks` maps option names to (predicate, description
+    of valid values). `linear_in_scaling`: fn(taus, scaling=s) == s * fn(taus, scaling=1), so a grid over
+    `scaling` may merge once and rescale (tested for every registered method).
     """
     fn: Callable[..., torch.Tensor]
     label: str
     reference: str
-    defaults: dict[str, Any]
     checks: dict[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
     random: bool = False
+    linear_in_scaling: bool = False
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        params = inspect.signature(self.fn).parameters.values()
+        out = {p.name: p.default for p in params
+               if p.name not in _NOT_OPTIONS and p.kind is p.POSITIONAL_OR_KEYWORD}
+        return {**out, "seed": 0} if self.random else out
 
 
 def _number(lo: float, hi: float, lo_open: bool, hi_open: bool) -> Callable[[Any], bool]:
@@ -107,22 +122,20 @@ TRIMS = ("global", "per_tensor")
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "weight_average": MergeMethod(weight_average, "Weight averaging",
-                                  "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)", {}),
+                                  "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)"),
     "task_arithmetic": MergeMethod(task_arithmetic, "Task Arithmetic",
                                    "Ilharco et al., Editing models with task arithmetic, ICLR 2023 (arXiv 2212.04089)",
-                                   {"scaling": 0.3}, {"scaling": _REAL}),
+                                   {"scaling": _REAL}, linear_in_scaling=True),
     "ties": MergeMethod(ties, "TIES-Merging",
                         "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
-                        {"density": 0.2, "scaling": 1.0, "trim": "global"},
                         {"density": (_number(0, 1, True, False), "in (0, 1]"), "scaling": _REAL,
-                         "trim": (lambda v: v in TRIMS, f"one of {', '.join(TRIMS)}")}),
+                         "trim": (lambda v: v in TRIMS, f"one of {', '.join(TRIMS)}")}, linear_in_scaling=True),
     "dare": MergeMethod(dare, "DARE", "Yu et al., Language models are Super Mario, ICML 2024 (arXiv 2311.03099)",
-                        {"drop_rate": 0.9, "base_method": "task_arithmetic", "seed": 0},
                         {"drop_rate": (_number(0, 1, False, True), "in [0, 1)"),
                          "base_method": (lambda v: v in _BASES, f"one of {', '.join(_BASES)}"),
                          "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                                   "a non-negative integer")},
-                        random=True),
+                        random=True, linear_in_scaling=True),
 }
 
 

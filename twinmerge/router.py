@@ -9,7 +9,7 @@ Training uses VALIDATION data only: a seeded stratified fit/holdout split, AdamW
 stopping on holdout accuracy (ties: lower loss), best state restored; optionally (`refit`) a fresh router is
 then trained on all the validation data for the best epoch count.
 Routing weights: softmax(logits / T); with top_k the k largest are kept and renormalised to sum 1
-(`twinmerge.dynamic.top_k_weights`, the same rule the dynamic model applies). T and top_k are inference
+(`twinmerge.routed.top_k_weights`, the same rule the dynamic model applies). T and top_k are inference
 options of the consumer (evaluation, bundle), not part of the router.
 
 A saved router describes its own features (format `twinmerge-router/2`): router.json holds the layers,
@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 from twinmerge.progress import progress_bar
 
-from twinmerge.dynamic import top_k_weights
+from twinmerge.routed import top_k_weights
 from twinmerge.errors import CheckpointError, TwinMergeError
 from twinmerge.io import atomic_dir, save_safetensors_atomic, sha256_file, write_json_atomic
 

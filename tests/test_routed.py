@@ -7,7 +7,7 @@ import torch
 from torch.func import functional_call
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
-from twinmerge.dynamic import DynamicTwinModel, top_k_weights
+from twinmerge.routed import RoutedDeltaModel, top_k_weights
 from twinmerge.errors import TwinMergeError
 
 LABELS = (2, 3, 5, 1)  # different label counts, incl. a regression head
@@ -102,7 +102,7 @@ def _check(dyn, experts, factors, shared_state, out, weights, heads, ids, mask, 
 def _dynamic(pool, dtype=torch.float64):
     shared, experts, factors = pool
     state = dict(shared.state_dict())  # float64 reference parameters
-    return DynamicTwinModel(copy.deepcopy(shared), factors, dtype=dtype), state
+    return RoutedDeltaModel(copy.deepcopy(shared), factors, dtype=dtype), state
 
 
 def test_mixed_weights_in_one_padded_batch(pool):
@@ -152,7 +152,7 @@ def test_oracle_head_ids(pool):
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_full_rank_one_hot_reproduces_original_experts(arch):
     shared, experts, factors = _pool(arch, rank="full")
-    dyn = DynamicTwinModel(shared, factors, dtype=torch.float64)
+    dyn = RoutedDeltaModel(shared, factors, dtype=torch.float64)
     ids, mask = _batch(seed=5, lengths=(6, 3, 8, 5))
     out = dyn(ids, mask, weights=torch.eye(len(LABELS), dtype=torch.float64))
     for t, expert in enumerate(experts):
@@ -177,7 +177,7 @@ def test_unsupported_module_type_names_module(pool):
     prefix = shared.base_model_prefix
     bad[0].dense[f"{prefix}.encoder.layer.0.attention.self.scale"] = torch.ones(1)
     with pytest.raises(TwinMergeError, match=r"encoder\.layer\.0\.attention\.self of type \w+SelfAttention"):
-        DynamicTwinModel(copy.deepcopy(shared), bad)
+        RoutedDeltaModel(copy.deepcopy(shared), bad)
 
 
 def test_bad_weights_shape(pool):
@@ -199,7 +199,7 @@ def _assert_mixed_routing_equals_materialize(dyn, ids, mask):
 
 
 def _pipeline(base, experts, tmp_path, rank_spec, factor_dtype):
-    """The project's own path: ExpertSet -> Task Arithmetic theta_s -> factor files -> DynamicTwinModel."""
+    """The project's own path: ExpertSet -> Task Arithmetic theta_s -> factor files -> RoutedDeltaModel."""
     from twinmerge.exclusive import RankSpec, compress_expert, factor_metadata, load_factors, save_factors
     from twinmerge.io import ExpertSet
     from twinmerge.merge import build_shared_expert
@@ -216,7 +216,7 @@ def _pipeline(base, experts, tmp_path, rank_spec, factor_dtype):
         factors.append(load_factors(path))
     heads = {k: es.expert_tensor(es.names[0], k) for k in es.head_keys()}
     shared = assemble_classifier(es.experts[es.names[0]].config, {**shared_state, **heads})
-    return DynamicTwinModel(shared, factors, dtype=torch.float64), es
+    return RoutedDeltaModel(shared, factors, dtype=torch.float64), es
 
 
 @pytest.mark.parametrize("expert_set", ["tiny_bert", "tiny_roberta", "bert_mlm_base"])

@@ -1,4 +1,10 @@
-"""The batched dynamic model: per-sample theta*(x) = theta_s + sum_t w_t(x) v_t without building weights.
+"""The routed-delta engine: per-sample theta*(x) = theta_s + sum_t w_t(x) v_t without building weights.
+
+`RoutedDeltaModel` serves every routed method: a shared backbone theta_s, one delta set per expert and
+per-sample weights w [B, n]. A delta set (`ExclusiveFactors`) holds low-rank deltas (Twin-Merging's SVD factors,
+`lowrank`) and dense deltas (`dense`: layer-wise merging's per-expert upper layers, EMR-Merging's masked
+deltas lambda_t * M_t * tau_uni expanded when loaded; build one with `dense_delta_set`), plus the expert's
+head tensors and config.
 
 Every Linear / Embedding / LayerNorm with exclusive knowledge in some expert is replaced by a dynamic module
 that reads the routing weights w [B, n] of the current batch from a shared `_Routing` context:
@@ -26,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from twinmerge.errors import FactorError, TwinMergeError
+from twinmerge.exclusive import ExclusiveFactors
 
 _SUPPORTED = {nn.Linear: ("weight", "bias"), nn.Embedding: ("weight",), nn.LayerNorm: ("weight", "bias")}
 
@@ -44,7 +51,7 @@ def top_k_weights(weights, k):
 
 
 class _Routing:
-    """The current batch's routing, shared by all dynamic modules (set inside DynamicTwinModel.forward).
+    """The current batch's routing, shared by all dynamic modules (set inside RoutedDeltaModel.forward).
 
     dense: [B, n] weights (zeros outside the top-k); idx, kept: [B, k] top-k experts and weights, or None for
     all experts; head_ids: [B] expert whose head each sample uses.
@@ -232,8 +239,15 @@ def _expert_config(model, config):
     return model.config.__class__.from_dict(config) if isinstance(config, dict) else config
 
 
-class DynamicTwinModel(nn.Module):
-    """Batched Twin-Merging model over the shared expert `shared_model` and the experts' `factors`.
+def dense_delta_set(expert: str, config: dict, dense: dict[str, torch.Tensor],
+                    head: dict[str, torch.Tensor]) -> ExclusiveFactors:
+    """A delta set of dense deltas {canonical name: tensor} (2-D ones run as exact factors of rank min(m, d))."""
+    return ExclusiveFactors(expert=expert, config=config, lowrank={}, dense=dict(dense), head=dict(head),
+                            metadata={})
+
+
+class RoutedDeltaModel(nn.Module):
+    """Batched routed model over the shared backbone `shared_model` and one delta set per expert (`factors`).
 
     shared_model: an HF *ForSequenceClassification holding theta_s; it is converted to `dtype`, put in eval
     mode and its modules are replaced IN PLACE (the original weights are reused, not copied).
@@ -243,7 +257,7 @@ class DynamicTwinModel(nn.Module):
     def __init__(self, shared_model: PreTrainedModel, factors, dtype=torch.float32):
         super().__init__()
         if not factors:
-            raise FactorError("DynamicTwinModel needs at least one expert's factors")
+            raise FactorError("RoutedDeltaModel needs at least one expert's factors")
         self.model, self.factors, self.dtype = shared_model.to(dtype).eval(), list(factors), dtype
         self.routing = _Routing()
         self.shared_state = dict(self.model.state_dict())

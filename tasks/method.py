@@ -1,0 +1,124 @@
+"""Step `method`: build one method of `params.methods` and score it on every task's test split.
+
+DVC runs it as stage `static@<key>` or `routed@<key>` (dvc.yaml), so that a method's stage re-runs only when its
+own entry, its inputs or its code change. Writes the method's artifact `artifacts/methods/<key>/` (what it
+stores: a merged backbone, masks, deltas, or a record of Twin-Merging's artifacts) and its rows
+`artifacts/eval/methods/<key>.json`: per row the label, whether the task id is used at inference, the data it
+learned or selected from, stored bytes and per-task test scores (x100); `evaluate` gathers these.
+Options in a method's `grid` are chosen on the validation splits (normalised by the experts' validation scores
+from `score_experts`); the test splits are used once, to score.
+"""
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from tasks.modularize import open_pool
+from tasks.params import METHOD_KINDS, Params, ParamsError, load_params, stage_item
+from tasks.taskdata import load_registry_split
+from twinmerge.io import atomic_dir, write_json_atomic
+from twinmerge.methods import METHODS, Context
+from twinmerge.methods.base import backbone_bytes, gold_one_hot, head_bytes, more_data
+from twinmerge.taskpool import TaskPool
+
+RESULT_FORMAT = "twinmerge-method-result/1"
+
+
+def task_pool(params: Params, pool, split: str, tokenizer) -> TaskPool:
+    return TaskPool(pool, load_registry_split(params, split), {n: e.metric for n, e in params.experts.items()},
+                    tokenizer, params.evaluate.batch_size, params.evaluate.max_length)
+
+
+def _row(method, label: str, uses_task_id: bool, data: str, stored: int, scores: dict) -> dict:
+    return {"label": label, "method": method.key, "reference": method.reference, "uses_task_id": uses_task_id,
+            "data": data, "stored_bytes": stored, "scores": scores}
+
+
+def routing_stats(names: list[str], weights: torch.Tensor, task_ids: torch.Tensor) -> dict:
+    """Routing accuracy (argmax == gold task), per task, and the confusion matrix [gold, routed]."""
+    routed = weights.argmax(1)
+    confusion = torch.zeros(len(names), len(names), dtype=torch.long)
+    confusion.index_put_((task_ids, routed), torch.ones_like(routed), accumulate=True)
+    return {"experts": names, "accuracy": (routed == task_ids).float().mean().item(),
+            "per_task": {n: (confusion[i, i] / confusion[i].sum()).item() for i, n in enumerate(names)},
+            "confusion": confusion.tolist()}
+
+
+def evaluate_routed(method, ctx: Context, out_dir: Path, test: TaskPool, key: str, data: str) -> tuple[dict, dict]:
+    """Rows of a routed method (one per mode, plus its static rows) and routing statistics on test."""
+    stored = method.stored_bytes(ctx, out_dir)
+    one_backbone = backbone_bytes(ctx.pool) + head_bytes(ctx.pool)
+    rows = {row: _row(method, label, True, data, one_backbone, test.score_backbone(backbone, row))
+            for row, (label, backbone) in method.static_rows(ctx, out_dir).items()}
+    model = method.model(ctx, out_dir)
+    n, task_ids = len(test.names), test.task_ids
+    needs_router = any(m.data != "none" for m in method.modes.values())
+    weights = method.router_weights(ctx, test.texts) if needs_router else None
+    for mode_name, mode in method.modes.items():
+        w = {"router": weights, "gold": gold_one_hot(task_ids, n),
+             "router_argmax": None if weights is None else gold_one_hot(weights.argmax(1), n)}[mode.weights]
+        heads = task_ids if mode.heads == "gold" else weights.argmax(1)
+        top_k = ctx.top_k if mode.weights == "router" else 1
+        row = f"{key}_{mode_name}"
+        rows[row] = _row(method, mode.label, mode.uses_task_id, more_data(data, mode.data), stored,
+                         test.score_routed(model, w, heads, top_k, desc=row))
+    routing = None
+    if weights is not None:
+        router = ctx.artifacts / "router"
+        recipe = json.loads((router / "router.json").read_text())["config"]
+        routing = {**routing_stats(test.names, weights, task_ids), "temperature": ctx.temperature, "top_k": ctx.top_k,
+                   "holdout_accuracy": json.loads((router / "report.json").read_text())["holdout_accuracy"],
+                   "features": {k: recipe[k] for k in ("layers", "pooling", "max_length")}}
+    return rows, routing
+
+
+def run_method(params: Params, kind: str, key: str, artifacts: str | Path = "artifacts", progress: bool = True) -> dict:
+    """Build method `key` of `params.methods.<kind>` into artifacts/methods/<key>/ and score it on test."""
+    artifacts = Path(artifacts)
+    specs = getattr(params.methods, kind)
+    if key not in specs:
+        raise ParamsError(f"params.yaml: methods.{kind}: no method {key!r} (listed: {', '.join(specs) or 'none'})")
+    spec = specs[key]
+    method = METHODS[spec.method]
+    pool = open_pool(params, artifacts / "base", artifacts / "checkpoints")
+    tokenizer = AutoTokenizer.from_pretrained(artifacts / "base")
+    reference = json.loads((artifacts / "eval" / "experts.json").read_text())["validation"]
+    ctx = Context(pool, task_pool(params, pool, "validation", tokenizer), reference, artifacts,
+                  params.evaluate.temperature, params.evaluate.top_k, progress)
+    out_dir = artifacts / "methods" / key
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out_dir) as tmp:
+        info = method.build(ctx, tmp, dict(spec.grid), **spec.options)
+    test = task_pool(params, pool, "test", tokenizer)
+    data = method.data(spec.grid)
+    if method.kind == "static":
+        rows = {key: _row(method, f"{method.label} (task id picks the head)", True, data,
+                          method.stored_bytes(ctx, out_dir), test.score_backbone(method.backbone(out_dir), key))}
+        routing = None
+    else:
+        rows, routing = evaluate_routed(method, ctx, out_dir, test, key, data)
+    result = {"format": RESULT_FORMAT, "key": key, "kind": kind, "spec": spec.model_dump(), "rows": rows,
+              "choice": info.get("choice"), "storage": info.get("storage"), "routing": routing}
+    write_json_atomic(result, artifacts / "eval" / "methods" / f"{key}.json")
+    return result
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--kind", choices=METHOD_KINDS, help="section of params.methods (default: from $DVC_STAGE)")
+    parser.add_argument("--key", help="method entry to run (default: the <key> of $DVC_STAGE <kind>@<key>)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args) -> None:
+    import os
+
+    kind = args.kind or os.environ.get("DVC_STAGE", "").rpartition(":")[2].partition("@")[0]
+    if kind not in METHOD_KINDS:
+        raise ParamsError(f"give --kind ({' or '.join(METHOD_KINDS)}) or run as DVC stage <kind>@<key>")
+    key = stage_item(args.key, kind, "--key")
+    result = run_method(load_params(args.params), kind, key, progress=not args.no_progress)
+    for row, r in result["rows"].items():
+        mean = sum(r["scores"].values()) / len(r["scores"])
+        print(f"{row:24s} mean test score {mean:.1f}")

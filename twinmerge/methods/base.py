@@ -1,0 +1,139 @@
+"""What every method declares and what it may read (the method interface; registry in `twinmerge.methods`).
+
+A method has a key, a human label, a paper reference, the data it learns or selects from, and:
+- static (`StaticMethod`): `build` writes a backbone (an HF folder, `twinmerge.shared` format) into its
+  artifact folder; every task is then scored with its own head (the task id picks the head);
+- routed (`RoutedMethod`): `build` writes what it stores into its artifact folder, `model` turns that folder
+  into a `RoutedDeltaModel` (shared backbone + one delta set per expert), and its `modes` say which weights and
+  which head each input gets: from the router (no task id at inference) or from the gold task (task id).
+Options and their defaults are read from the signature of `build` (keyword-only arguments after `*`), or for
+static merges from the merge function's signature; `grid` entries are chosen on validation data.
+The task pool (`twinmerge.taskpool`) scores whatever a method produces, without knowing which method made it.
+"""
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from twinmerge.errors import MergeError
+from twinmerge.io import ExpertSet
+from twinmerge.taskpool import TaskPool
+
+# What a row learned or selected from, in increasing order: nothing; validation inputs with their task ids
+# (the router); validation labels (options chosen by validation score).
+DATA = ("none", "validation_inputs", "validation_labels")
+
+
+def more_data(*kinds: str) -> str:
+    """The most informative of the given DATA kinds."""
+    return max(kinds, key=DATA.index)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One evaluation row of a routed method. weights: "router" (softmax routing weights, evaluate's temperature
+    and top_k), "router_argmax" (one-hot on the router's choice) or "gold" (one-hot on the input's task);
+    heads: "router" (argmax of the router) or "gold" (the input's task)."""
+
+    label: str
+    weights: Literal["router", "router_argmax", "gold"]
+    heads: Literal["router", "gold"]
+
+    @property
+    def uses_task_id(self) -> bool:
+        return "gold" in (self.weights, self.heads)
+
+    @property
+    def data(self) -> str:
+        return "validation_inputs" if "router" in self.weights or self.heads == "router" else "none"
+
+
+@dataclass
+class Context:
+    """What a method may read: the expert pool, the validation task pool with the experts' validation scores
+    (normalisation of the selection score), the pipeline's artifacts folder (Twin-Merging's shared expert,
+    exclusive factors and router live there), evaluation options and progress display."""
+
+    pool: ExpertSet
+    validation: TaskPool
+    validation_reference: dict[str, float]
+    artifacts: Path = Path("artifacts")
+    temperature: float = 1.0
+    top_k: int | None = None
+    progress: bool = True
+
+
+def option_defaults(fn) -> dict[str, Any]:
+    """Keyword-only arguments of `fn` with their defaults (a method's options)."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
+def check_options(key: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """`options` completed with `defaults`; MergeError naming unknown options."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise MergeError(f"method {key!r}: unknown option(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(defaults) or 'none'}")
+    return {**defaults, **options}
+
+
+def nbytes(tensors) -> int:
+    """Bytes of the tensors' data (numel x element size)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def backbone_bytes(pool: ExpertSet) -> int:
+    """Bytes of one backbone (every mergeable tensor, base dtype)."""
+    return nbytes(pool.base_tensor(k) for k in pool.mergeable_keys())
+
+
+def head_bytes(pool: ExpertSet) -> int:
+    """Bytes of every expert's head, each once."""
+    return nbytes(pool.expert_tensor(n, k) for n in pool.names for k in pool.head_keys())
+
+
+def router_bytes(artifacts: Path) -> int:
+    """Bytes of the router's weights file (routed rows store it beside their deltas)."""
+    return (Path(artifacts) / "router" / "model.safetensors").stat().st_size
+
+
+def gold_one_hot(task_ids: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(task_ids, n).float()
+
+
+class RoutedMethod:
+    """Base of routed methods: subclasses set key, label, reference, modes and implement `build(ctx, out_dir, *,
+    options...) -> info`, `model(ctx, out_dir) -> RoutedDeltaModel` and `stored_bytes(ctx, out_dir)`.
+
+    Routing weights come from the pipeline's router (artifacts/router), on features of the shared expert it was
+    trained on (artifacts/shared): the same router for every routed method."""
+
+    kind = "routed"
+    key = label = reference = ""
+    modes: dict[str, Mode] = {}
+    data_used = "none"  # what `build` selects or learns from (beyond the router)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return option_defaults(self.build)
+
+    def data(self, grid: dict) -> str:
+        return more_data(self.data_used, "validation_labels" if grid else "none")
+
+    def static_rows(self, ctx: Context, out_dir: Path) -> dict[str, tuple[str, dict]]:
+        """Extra static rows {row: (label, backbone)} (Twin-Merging's shared expert alone); none by default."""
+        return {}
+
+    def router_weights(self, ctx: Context, texts: list[str]) -> torch.Tensor:
+        """Routing weights [N, n] = softmax(router(features) / T), top-k renormalised (evaluate's options)."""
+        from transformers import AutoModel
+
+        from twinmerge.router import load_router, route
+
+        shared = ctx.artifacts / "shared"
+        saved = load_router(ctx.artifacts / "router")
+        saved.check_feature_model(shared / "model.safetensors")
+        features = saved.features(AutoModel.from_pretrained(shared).eval(), texts, progress=ctx.progress)
+        return route(saved.router, features, ctx.temperature, ctx.top_k)

@@ -1,0 +1,58 @@
+"""Twin-Merging (Lu et al., NeurIPS 2024) as a routed method over the pipeline's own artifacts.
+
+Its artifacts are built by the stages before it: the shared expert (modularize, artifacts/shared), each
+expert's exclusive knowledge as SVD factors (compress, artifacts/exclusive/<expert>.safetensors) and the router
+(artifacts/router). `build` records which files it uses (sha256) and their sizes; `model` is the routed-delta
+engine over the shared expert and the factors.
+"""
+import json
+from pathlib import Path
+
+from twinmerge.exclusive import load_factors
+from twinmerge.io import sha256_file, write_json_atomic
+from twinmerge.methods.base import Context, Mode, RoutedMethod, backbone_bytes, head_bytes, router_bytes
+from twinmerge.modelpool import assemble_classifier
+from twinmerge.routed import RoutedDeltaModel
+from twinmerge.shared import load_shared
+
+
+class TwinMerging(RoutedMethod):
+    key = "twin"
+    label = "Twin-Merging"
+    reference = "Lu et al., Twin-Merging, NeurIPS 2024 (arXiv 2406.15479)"
+    data_used = "validation_inputs"
+    modes = {
+        "router": Mode("Twin-Merging, router weights and router-chosen head (no task id)", "router", "router"),
+        "oracle": Mode("Twin-Merging, router weights + gold task's head (task id picks the head; the official "
+                       "code also used the gold task's biases)", "router", "gold"),
+        "true_routing": Mode("Twin-Merging, one-hot routing on the gold task (task id; diagnostic)", "gold", "gold"),
+    }
+
+    def build(self, ctx: Context, out_dir: Path, grid: dict) -> dict:
+        """Record the shared expert, factor files and router this evaluation uses, and the factor bytes."""
+        a = ctx.artifacts
+        files = [a / "shared" / "model.safetensors", a / "router" / "model.safetensors",
+                 *(a / "exclusive" / f"{n}.safetensors" for n in ctx.pool.names)]
+        stats = [json.loads((a / "exclusive" / f"{n}.stats.json").read_text())["totals"] for n in ctx.pool.names]
+        exclusive, dense = sum(s["exclusive_bytes"] for s in stats), sum(s["dense_bytes_float32"] for s in stats)
+        storage = {"exclusive_bytes": exclusive, "dense_exclusive_bytes": dense, "exclusive_ratio": exclusive / dense,
+                   "exclusive_file_bytes": sum(f.stat().st_size for f in files[2:])}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic({"method": self.key, "uses": {str(f): sha256_file(f) for f in files}, "storage": storage},
+                          out_dir / "method.json")
+        return {"storage": storage}
+
+    def model(self, ctx: Context, out_dir: Path) -> RoutedDeltaModel:
+        shared = load_shared(ctx.artifacts / "shared")
+        first = ctx.pool.names[0]
+        model = assemble_classifier(ctx.pool.experts[first].config, {**shared, **ctx.validation.heads[first]})
+        return RoutedDeltaModel(model, [load_factors(ctx.artifacts / "exclusive" / f"{n}.safetensors")
+                                        for n in ctx.pool.names])
+
+    def static_rows(self, ctx: Context, out_dir: Path) -> dict[str, tuple[str, dict]]:
+        return {"shared": ("Shared expert alone (task id picks the head)", load_shared(ctx.artifacts / "shared"))}
+
+    def stored_bytes(self, ctx: Context, out_dir: Path) -> int:
+        """Shared backbone + every expert's factors (as compress counts them) + heads + router."""
+        info = json.loads((out_dir / "method.json").read_text())["storage"]
+        return backbone_bytes(ctx.pool) + info["exclusive_bytes"] + head_bytes(ctx.pool) + router_bytes(ctx.artifacts)
