@@ -193,8 +193,10 @@ def test_report_has_table_and_plots(ran, project):
     text = (project / "artifacts/report/report.md").read_text()
     assert "**Twin-Merging, router weights and router-chosen head (no task id)**" in text
     assert "| method | alpha | beta | gamma | mean |" in text
-    for png in ("normalized_scores.png", "routing_confusion.png", "storage_vs_score.png"):
+    for png in (report.HEATMAP_PNG, report.CONFUSION_PNG, report.PARETO_PNG):
         assert (project / "artifacts/report" / png).stat().st_size > 1000
+    for table in ("heatmap.csv", "pareto.csv"):
+        assert (project / "artifacts/report" / table).read_text().startswith("method,")
 
 
 def test_bundle_predictions_match_evaluation(ran, project):
