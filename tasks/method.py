@@ -19,7 +19,7 @@ from tasks.params import METHOD_KINDS, Params, ParamsError, load_params, stage_i
 from tasks.taskdata import load_registry_split
 from twinmerge.io import atomic_dir, write_json_atomic
 from twinmerge.methods import METHODS, Context
-from twinmerge.methods.base import backbone_bytes, gold_one_hot, head_bytes, more_data
+from twinmerge.methods.base import backbone_bytes, gold_one_hot, head_bytes, more_data, router_bytes
 from twinmerge.taskpool import TaskPool
 
 RESULT_FORMAT = "twinmerge-method-result/1"
@@ -49,7 +49,7 @@ def evaluate_routed(method, ctx: Context, out_dir: Path, test: TaskPool, key: st
     """Rows of a routed method (one per mode, plus its static rows) and routing statistics on test."""
     stored = method.stored_bytes(ctx, out_dir)
     one_backbone = backbone_bytes(ctx.pool) + head_bytes(ctx.pool)
-    rows = {row: _row(method, label, True, data, one_backbone, test.score_backbone(backbone, row))
+    rows = {row: _row(method, label, True, "none", one_backbone, test.score_backbone(backbone, row))
             for row, (label, backbone) in method.static_rows(ctx, out_dir).items()}
     model = method.model(ctx, out_dir)
     n, task_ids = len(test.names), test.task_ids
@@ -61,7 +61,8 @@ def evaluate_routed(method, ctx: Context, out_dir: Path, test: TaskPool, key: st
         heads = task_ids if mode.heads == "gold" else weights.argmax(1)
         top_k = ctx.top_k if mode.weights == "router" else 1
         row = f"{key}_{mode_name}"
-        rows[row] = _row(method, mode.label, mode.uses_task_id, more_data(data, mode.data), stored,
+        stored_row = stored + (router_bytes(ctx.artifacts) if mode.data != "none" else 0)
+        rows[row] = _row(method, mode.label, mode.uses_task_id, more_data(data, mode.data), stored_row,
                          test.score_routed(model, w, heads, top_k, desc=row))
     routing = None
     if weights is not None:

@@ -67,8 +67,8 @@ def project(tmp_path_factory):
               "merge": {"method": "task_arithmetic", "options": {"scaling": 0.4}},
               "compress": {"rank": {"mode": "fraction", "value": 0.25}, "dtype": "float32"},
               "router": {"epochs": 30, "patience": 10, "batch_size": 16, "max_length": 16, "dropout": 0.1},
-              "evaluate": {"batch_size": 16, "max_length": 16, "regression_threshold": 2.0,
-                           "baselines": [{"method": "weight_average"}]}}
+              "evaluate": {"batch_size": 16, "max_length": 16, "regression_threshold": 2.0},
+              "methods": {"static": {"weight_average": {}}, "routed": {"twin": {}}}}
     full = Params.model_validate(params).model_dump(mode="json")  # DVC needs every key a stage names
     full["data"].update(pypi={}, debian={})
     (root / "params.yaml").write_text("# tiny e2e project\n" + yaml.safe_dump(full, sort_keys=False))

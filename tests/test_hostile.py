@@ -64,14 +64,17 @@ def _with_name(raw: dict, where: str, name: str) -> dict:
         raw["experts"]["ok"]["task"] = name
     elif where == "merge.method":
         raw["merge"]["method"] = name
-    elif where == "evaluate.baselines.0.method":
-        raw["evaluate"]["baselines"] = [{"method": name}]
+    elif where == "methods.static":
+        raw["methods"] = {"static": {name: {"method": "weight_average"}}}
+    elif where == "methods.static.x.method":
+        raw["methods"] = {"static": {"x": {"method": name}}}
     elif where in ("data.pypi", "data.debian"):
         raw["data"][where.split(".")[1]][name] = {"version": "1.0"}
     return raw
 
 
-NAME_FIELDS = ["experts", "hub_sources", "experts.ok.task", "merge.method", "evaluate.baselines.0.method"]
+NAME_FIELDS = ["experts", "hub_sources", "experts.ok.task", "merge.method", "methods.static",
+               "methods.static.x.method"]
 
 
 @pytest.mark.parametrize("where,name", [(w, n) for w in NAME_FIELDS for n in BAD_NAMES]

@@ -27,8 +27,11 @@ def _by_hand(es: ExpertSet, key: str):
     return base, [load_file(es.experts[n].folder / "model.safetensors")[key] for n in es.names]
 
 
-def test_registry():
-    assert set(MERGE_METHODS) == {"weight_average", "task_arithmetic", "ties", "dare"}
+def test_options_and_defaults_come_from_the_signature():
+    assert {"weight_average", "task_arithmetic", "ties", "dare", "tsv_m", "iso_c", "iso_cts"} <= set(MERGE_METHODS)
+    assert MERGE_METHODS["ties"].defaults == {"density": 0.2, "scaling": 1.0, "trim": "global"}
+    assert MERGE_METHODS["dare"].defaults == {"drop_rate": 0.9, "base_method": "task_arithmetic", "seed": 0}
+    assert MERGE_METHODS["iso_cts"].defaults == {"scaling": 1.0, "common_fraction": 0.8}
 
 
 def test_weight_average_is_mean_of_weights(expert_set):

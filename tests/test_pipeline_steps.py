@@ -21,9 +21,11 @@ from tasks import compress as compress_step
 from tasks import download, evaluate, modularize, report, route, score_experts
 from tasks import method as method_step
 from tasks.params import METHOD_KINDS
+from twinmerge.methods.base import DATA
 from tasks.params import ParamsError, load_params
 from tiny_models import make_base, make_experts
 from twinmerge.bundle import TwinBundle
+from twinmerge.methods import METHODS
 from twinmerge.errors import CheckpointError, SourceError
 
 WORDS = [f"w{i}" for i in range(95)]
@@ -50,6 +52,13 @@ def _task_tables(root, task_index, num_labels, rng):
     return folder
 
 
+# Every registered method (the interface test: a new method is tested by registering it), with a grid where
+# the method has one to choose on validation data.
+GRIDS = {"task_arithmetic": {"scaling": [0.3, 0.6]}, "layerwise": {"split": [1, 2]}}
+EVERY_METHOD = {kind: {key: {"grid": GRIDS[key]} if key in GRIDS else {}
+                       for key, m in METHODS.items() if m.kind == kind} for kind in ("static", "routed")}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
@@ -65,8 +74,7 @@ def project(tmp_path_factory):
               "compress": {"rank": {"mode": "fraction", "value": 0.25}, "dtype": "float32"},
               "router": {"epochs": 200, "patience": 60, "batch_size": 16, "max_length": 16, "dropout": 0.1},
               "evaluate": {"batch_size": 8, "max_length": 16},
-              "methods": {"static": {"weight_average": {}, "task_arithmetic": {"grid": {"scaling": [0.3, 0.6]}}},
-                          "routed": {"twin": {}}}}
+              "methods": EVERY_METHOD}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -140,9 +148,12 @@ def test_shared_expert_loads_with_transformers(ran, project):
 
 def test_metrics_cover_every_method_and_task(ran):
     params, metrics, _ = ran
-    expected = {"experts", "base_heads", "shared", "weight_average", "task_arithmetic", "twin_router",
-                "twin_oracle", "twin_true_routing"}
+    expected = {"experts", "base_heads", "shared"} | set(EVERY_METHOD["static"]) | {
+        f"{key}_{mode}" for key in EVERY_METHOD["routed"] for mode in METHODS[key].modes}
     assert set(metrics["methods"]) == expected
+    for name, row in metrics["methods"].items():
+        assert row["stored_bytes"] > 0 and row["label"] and row["data"] in DATA, name
+        assert row["uses_task_id"] == (not name.endswith("_router")), name
     for name, row in metrics["methods"].items():
         assert set(row["scores"]) == set(params.experts), name
     assert all(abs(v - 100.0) < 1e-9 for v in metrics["methods"]["experts"]["normalized"].values())
@@ -164,7 +175,7 @@ def test_twin_router_score_is_what_a_user_of_the_bundle_gets(ran, project):
         assert metrics["methods"]["twin_router"]["scores"][name] == pytest.approx(100 * sum(correct) / len(correct))
         assert metrics["methods"]["twin_router"]["scores"][name] <= metrics["methods"]["twin_oracle"]["scores"][name]
     assert metrics["methods"]["twin_router"]["uses_task_id"] is False
-    assert all(row["uses_task_id"] for m, row in metrics["methods"].items() if m != "twin_router")
+    assert all(row["uses_task_id"] for m, row in metrics["methods"].items() if not m.endswith("_router"))
     assert "gold task's head" in metrics["methods"]["twin_oracle"]["label"]
 
 
@@ -396,3 +407,68 @@ def test_hub_branch_revision_warns_and_commit_is_recorded(tmp_path, caplog):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": {"path": str(tmp_path / "main")}}))
     manifest = download.download_base(load_params(tmp_path / "params.yaml"), tmp_path / "base")
     assert manifest["source"]["hub"]["commit"] == commit
+
+
+def _context(params, project):
+    from transformers import AutoTokenizer
+
+    from twinmerge.methods import Context
+
+    pool = modularize.open_pool(params, project / "artifacts/base", project / "artifacts/checkpoints")
+    val = method_step.task_pool(params, pool, "validation", AutoTokenizer.from_pretrained(project / "artifacts/base"))
+    return Context(pool, val, {}, project / "artifacts", progress=False)
+
+
+@pytest.mark.parametrize("key", [k for k, m in METHODS.items() if m.kind == "routed"])
+def test_routed_batch_equals_per_sample_materialized_models(ran, project, key):
+    """One batch mixing every expert through a routed method's engine (one-hot top-1 weights, and soft weights
+    over all experts) equals each input run alone through an ordinary classifier with that input's merged
+    weights and head, to 1e-5."""
+    params, _, _ = ran
+    ctx = _context(params, project)
+    model = METHODS[key].model(ctx, project / "artifacts/methods" / key)
+    n = len(params.experts)
+    enc = ctx.validation.tokenizer(ctx.validation.texts[::7][:9], padding=True, return_tensors="pt")
+    heads = torch.arange(9) % n
+    soft = torch.softmax(torch.randn(9, n, generator=torch.Generator().manual_seed(0)), 1)
+    for weights, top_k in ((torch.nn.functional.one_hot(heads, n).float(), 1), (soft, None)):
+        with torch.inference_mode():
+            batched = model(**enc, weights=weights, head_ids=heads, top_k=top_k)
+            for b in range(9):
+                alone = model.materialize(weights[b], int(heads[b]))
+                logits = alone(**{k: v[b:b + 1] for k, v in enc.items()}).logits[0]
+                c = logits.shape[0]
+                torch.testing.assert_close(batched.logits[b, :c], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_emr_and_layerwise_materialize_their_definitions(ran, project):
+    """Per task t, the engine's merged weights are the method's definition: EMR theta_0 + lambda_t M_t tau_uni
+    (recomputed here from the experts over the whole model); layer-wise: expert t's own upper layers exactly,
+    the Task Arithmetic merge below the chosen split."""
+    from twinmerge.merge import build_shared_expert
+    from twinmerge.methods.layerwise import upper_keys
+
+    params, metrics, _ = ran
+    ctx = _context(params, project)
+    pool, n = ctx.pool, len(params.experts)
+    keys = pool.mergeable_keys()
+    taus = {k: torch.stack([pool.expert_tensor(t, k).float() - pool.base_tensor(k).float() for t in pool.names])
+            for k in keys}
+    flag = {k: torch.where(v.sum(0) > 0, 1.0, -1.0) for k, v in taus.items()}  # the official election
+    uni = {k: flag[k] * (taus[k] * (taus[k] * flag[k] > 0)).abs().amax(0) for k in keys}
+    emr = METHODS["emr"].model(ctx, project / "artifacts/methods/emr")
+    split = metrics["choices"]["layerwise"]["options"]["split"]
+    upper = set(upper_keys(keys, split))
+    lower, _ = build_shared_expert(pool, "task_arithmetic", {"scaling": 0.3}, include=sorted(set(keys) - upper),
+                                   progress=False)
+    layerwise = METHODS["layerwise"].model(ctx, project / "artifacts/methods/layerwise")
+    for t, name in enumerate(pool.names):
+        one_hot = torch.nn.functional.one_hot(torch.tensor(t), n).float()
+        mask = {k: taus[k][t] * flag[k] > 0 for k in keys}
+        rescaler = sum(taus[k][t].abs().mean() for k in keys) / sum((mask[k] * uni[k]).abs().mean() for k in keys)
+        emr_state, lw_state = emr.merged_state(one_hot), layerwise.merged_state(one_hot)
+        for k in keys:
+            torch.testing.assert_close(emr_state[k], pool.base_tensor(k).float() + rescaler * mask[k] * uni[k],
+                                       rtol=1e-5, atol=1e-6)
+            expected = pool.expert_tensor(name, k).float() if k in upper else lower[k].float()
+            torch.testing.assert_close(lw_state[k], expected, rtol=1e-6, atol=1e-6)

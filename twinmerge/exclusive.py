@@ -110,7 +110,7 @@ def allocate_budget(spectra: Mapping[str, tuple[torch.Tensor, int, int]], budget
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run LAPACK single-threaded: MKL's SVD gives bit-different singular vectors for different thread counts
     (and under load, when MKL adapts its threads), which would make factor files differ run to run."""
     threads = torch.get_num_threads()
@@ -122,7 +122,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def _svd_with_fallback(fn: Callable[[torch.Tensor], Any], matrix: torch.Tensor) -> Any:
-    with _one_thread():
+    with one_thread():
         return _svd_float32_then_64(fn, matrix)
 
 

@@ -20,7 +20,9 @@ import torch
 from twinmerge.progress import progress_bar
 
 from .errors import MergeError
+from .exclusive import one_thread
 from .io import ExpertSet
+from .spectral import iso_c, iso_cts, tsv_m
 
 
 def weight_average(taus: torch.Tensor) -> torch.Tensor:
@@ -99,6 +101,7 @@ class MergeMethod:
     checks: dict[str, tuple[Callable[[Any], bool], str]] = field(default_factory=dict)
     random: bool = False
     linear_in_scaling: bool = False
+    uses_svd: bool = False  # merge_tensor runs it with one LAPACK thread (bit-identical across thread counts)
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -136,6 +139,16 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                          "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                                   "a non-negative integer")},
                         random=True, linear_in_scaling=True),
+    "tsv_m": MergeMethod(tsv_m, "TSV-Merge",
+                         "Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)",
+                         {"scaling": _REAL}, linear_in_scaling=True, uses_svd=True),
+    "iso_c": MergeMethod(iso_c, "Iso-C",
+                         "Marczak et al., No Task Left Behind: Isotropic Model Merging, ICML 2025 (arXiv 2502.04959)",
+                         {"scaling": _REAL}, linear_in_scaling=True, uses_svd=True),
+    "iso_cts": MergeMethod(iso_cts, "Iso-CTS",
+                           "Marczak et al., No Task Left Behind: Isotropic Model Merging, ICML 2025 (arXiv 2502.04959)",
+                           {"scaling": _REAL, "common_fraction": (_number(0, 1, False, False), "in [0, 1]")},
+                           linear_in_scaling=True, uses_svd=True),
 }
 
 
@@ -181,6 +194,9 @@ def merge_tensor(method: str, options: Mapping[str, Any] | None, taus: torch.Ten
     spec = MERGE_METHODS[method]
     taus = taus.to(torch.float32)
     extra = {} if thresholds is None else {"thresholds": thresholds}
+    if spec.uses_svd:
+        with one_thread():
+            return spec.fn(taus, **opts, **extra)
     if spec.random:
         generator = _tensor_generator(opts, name)
         opts.pop("seed")

@@ -7,10 +7,12 @@ function registered in `merge.py`; a new routed method is a module here and one 
 from twinmerge.merge import MERGE_METHODS
 from twinmerge.methods.base import Context, Mode, RoutedMethod
 from twinmerge.methods.static import StaticMethod
+from twinmerge.methods.emr import EMRMerging
+from twinmerge.methods.layerwise import LayerwiseMerging
 from twinmerge.methods.twin import TwinMerging
 
 METHODS: dict = {key: StaticMethod(key, m) for key, m in MERGE_METHODS.items()}
-for _routed in (TwinMerging(),):
+for _routed in (TwinMerging(), EMRMerging(), LayerwiseMerging()):
     METHODS[_routed.key] = _routed
 
 __all__ = ["METHODS", "Context", "Mode", "RoutedMethod", "StaticMethod"]

@@ -94,6 +94,11 @@ def head_bytes(pool: ExpertSet) -> int:
     return nbytes(pool.expert_tensor(n, k) for n in pool.names for k in pool.head_keys())
 
 
+def expert_heads(pool: ExpertSet, name: str) -> dict[str, torch.Tensor]:
+    """Expert `name`'s head tensors (canonical names)."""
+    return {k: pool.expert_tensor(name, k) for k in pool.head_keys()}
+
+
 def router_bytes(artifacts: Path) -> int:
     """Bytes of the router's weights file (routed rows store it beside their deltas)."""
     return (Path(artifacts) / "router" / "model.safetensors").stat().st_size

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from twinmerge.exclusive import load_factors
 from twinmerge.io import sha256_file, write_json_atomic
-from twinmerge.methods.base import Context, Mode, RoutedMethod, backbone_bytes, head_bytes, router_bytes
+from twinmerge.methods.base import Context, Mode, RoutedMethod, backbone_bytes, expert_heads, head_bytes
 from twinmerge.modelpool import assemble_classifier
 from twinmerge.routed import RoutedDeltaModel
 from twinmerge.shared import load_shared
@@ -45,7 +45,7 @@ class TwinMerging(RoutedMethod):
     def model(self, ctx: Context, out_dir: Path) -> RoutedDeltaModel:
         shared = load_shared(ctx.artifacts / "shared")
         first = ctx.pool.names[0]
-        model = assemble_classifier(ctx.pool.experts[first].config, {**shared, **ctx.validation.heads[first]})
+        model = assemble_classifier(ctx.pool.experts[first].config, {**shared, **expert_heads(ctx.pool, first)})
         return RoutedDeltaModel(model, [load_factors(ctx.artifacts / "exclusive" / f"{n}.safetensors")
                                         for n in ctx.pool.names])
 
@@ -53,6 +53,6 @@ class TwinMerging(RoutedMethod):
         return {"shared": ("Shared expert alone (task id picks the head)", load_shared(ctx.artifacts / "shared"))}
 
     def stored_bytes(self, ctx: Context, out_dir: Path) -> int:
-        """Shared backbone + every expert's factors (as compress counts them) + heads + router."""
+        """Shared backbone + every expert's factors (as compress counts them) + heads."""
         info = json.loads((out_dir / "method.json").read_text())["storage"]
-        return backbone_bytes(ctx.pool) + info["exclusive_bytes"] + head_bytes(ctx.pool) + router_bytes(ctx.artifacts)
+        return backbone_bytes(ctx.pool) + info["exclusive_bytes"] + head_bytes(ctx.pool)
