@@ -1,4 +1,5 @@
-"""The batched dynamic model equals a per-sample materialised merge (torch.func.functional_call reference)."""
+"""The routed-delta engine equals a per-sample materialised merge (torch.func.functional_call reference), for
+low-rank and dense delta sets."""
 import copy
 from dataclasses import dataclass, field
 
@@ -69,9 +70,11 @@ def _pool(arch, rank):
     return shared, experts, factors
 
 
-@pytest.fixture(scope="module", params=["bert", "roberta"])
+@pytest.fixture(scope="module", params=[("bert", 3), ("roberta", 3), ("bert", "full")],
+                ids=["bert-lowrank", "roberta-lowrank", "bert-dense"])
 def pool(request):
-    return _pool(request.param, rank=3)
+    """Low-rank delta sets (Twin-Merging's factors) or dense ones (layer-wise merging, EMR's masked deltas)."""
+    return _pool(*request.param)
 
 
 def _batch(seed=1, lengths=(7, 3, 9, 5, 9, 2)):

@@ -89,6 +89,21 @@ def _stack_factors(factors, name, shape, dtype):
     return us, vs
 
 
+def _all_dense(factors, name):
+    """True when some expert has a dense delta for the 2-D tensor `name` and none has factors (layer-wise
+    merging's upper layers, EMR's masked deltas): then the delta runs as a plain matmul per expert group, not
+    as factors of rank min(m, d)."""
+    return any(name in f.dense for f in factors) and not any(name in f.lowrank for f in factors)
+
+
+def _dense_groups(routing):
+    """(column j, expert t, rows [B] bool) for every expert t that some sample keeps in its top-k column j."""
+    for j in range(routing.idx.shape[1]):
+        column = routing.idx[:, j]
+        for t in column.unique().tolist():
+            yield j, t, column == t
+
+
 def _stack_dense(factors, name, shape, dtype):
     """Experts' dense deltas of the 1-D tensor `name` stacked as [n, d] (zeros where absent), or None."""
     if not any(name in f.dense for f in factors):
@@ -112,8 +127,11 @@ class DynamicLinear(nn.Module):
         super().__init__()
         self.weight, self.bias, self.routing = base.weight, base.bias, routing
         dtype, (d_out, d_in) = base.weight.dtype, base.weight.shape
-        us, vs = _stack_factors(factors, f"{name}.weight", (d_out, d_in), dtype)
-        self.n, self.rank = us.shape[0], us.shape[2]
+        self.register_buffer("dense", None, persistent=False)
+        if _all_dense(factors, f"{name}.weight"):  # [n, d_out, d_in]; no factors
+            self.dense = _stack_dense(factors, f"{name}.weight", (d_out, d_in), dtype)
+        us, vs = _stack_factors([] if self.dense is not None else factors, f"{name}.weight", (d_out, d_in), dtype)
+        self.n, self.rank = len(factors), us.shape[2]
         self.register_buffer("v_cat", vs.permute(1, 0, 2).reshape(d_in, -1).contiguous(), persistent=False)
         self.register_buffer("us_cat", us.permute(0, 2, 1).reshape(-1, d_out).contiguous(), persistent=False)
         self.register_buffer("db", _stack_dense(factors, f"{name}.bias", (d_out,), dtype), persistent=False)
@@ -122,7 +140,9 @@ class DynamicLinear(nn.Module):
         r, batch = self.routing, x.shape[0]
         y = F.linear(x, self.weight, self.bias)
         x3 = x.reshape(batch, -1, x.shape[-1])
-        if self.rank == 0:  # only bias deltas
+        if self.dense is not None:
+            corr = self._dense_correction(x3, r)
+        elif self.rank == 0:  # only bias deltas
             corr = y.new_zeros(batch, x3.shape[1], y.shape[-1])
         elif r.idx is None:
             h = (x3 @ self.v_cat) * r.rank_weights(self.rank)[:, None]
@@ -136,6 +156,18 @@ class DynamicLinear(nn.Module):
             corr = corr + _per_sample(self.db, r)[:, None]
         return y + corr.reshape(y.shape)
 
+    def _dense_correction(self, x3, r):
+        """sum_t w_t x D_t^T [B, L, d_out]: all experts in one matmul against [n * d_out, d_in]; top-k as one
+        matmul per (column, expert) group of samples."""
+        n, d_out, d_in = self.dense.shape
+        if r.idx is None:
+            h = (x3 @ self.dense.reshape(n * d_out, d_in).T).view(*x3.shape[:2], n, d_out)
+            return (h * r.dense[:, None, :, None]).sum(2)
+        corr = x3.new_zeros(*x3.shape[:2], d_out)
+        for j, t, rows in _dense_groups(r):
+            corr[rows] += r.kept[rows, j, None, None] * (x3[rows] @ self.dense[t].T)
+        return corr
+
 
 class DynamicEmbedding(nn.Module):
     """nn.Embedding with per-sample low-rank corrections. ids [B, L] (or [1, L], broadcast) -> [B, L, d].
@@ -146,8 +178,12 @@ class DynamicEmbedding(nn.Module):
     def __init__(self, base, factors, name, routing):
         super().__init__()
         self.weight, self.padding_idx, self.routing = base.weight, base.padding_idx, routing
-        us, vs = _stack_factors(factors, f"{name}.weight", tuple(base.weight.shape), base.weight.dtype)
-        self.n, self.rank = us.shape[0], us.shape[2]
+        shape, dtype = tuple(base.weight.shape), base.weight.dtype
+        self.register_buffer("dense", None, persistent=False)
+        if _all_dense(factors, f"{name}.weight"):  # [n, num, d]
+            self.dense = _stack_dense(factors, f"{name}.weight", shape, dtype)
+        us, vs = _stack_factors([] if self.dense is not None else factors, f"{name}.weight", shape, dtype)
+        self.n, self.rank = len(factors), us.shape[2]
         self.register_buffer("us_cat", us.permute(1, 0, 2).reshape(base.weight.shape[0], -1).contiguous(), persistent=False)
         self.register_buffer("vt_cat", vs.permute(0, 2, 1).reshape(-1, base.weight.shape[1]).contiguous(), persistent=False)
 
@@ -156,6 +192,8 @@ class DynamicEmbedding(nn.Module):
         batch = r.dense.shape[0]
         ids = ids.expand(batch, *ids.shape[1:])
         y = F.embedding(ids, self.weight, self.padding_idx)
+        if self.dense is not None:
+            return y + self._dense_correction(ids, r)
         if r.idx is None:
             corr = (F.embedding(ids, self.us_cat) * r.rank_weights(self.rank)[:, None]) @ self.vt_cat
         else:
@@ -164,6 +202,15 @@ class DynamicEmbedding(nn.Module):
             vt_sel = self.vt_cat.view(self.n, self.rank, -1)[r.idx].reshape(batch, k * self.rank, -1)
             corr = torch.bmm(rows.reshape(batch, -1, k * self.rank) * r.rank_weights(self.rank)[:, None], vt_sel)
         return y + corr
+
+    def _dense_correction(self, ids, r):
+        """sum_t w_t D_t[ids] [B, L, d] (top-k: per (column, expert) group of samples)."""
+        if r.idx is None:
+            return torch.einsum("nbld,bn->bld", self.dense[:, ids], r.dense)
+        corr = self.weight.new_zeros(*ids.shape, self.dense.shape[-1])
+        for j, t, rows in _dense_groups(r):
+            corr[rows] += r.kept[rows, j, None, None] * F.embedding(ids[rows], self.dense[t])
+        return corr
 
 
 class DynamicLayerNorm(nn.Module):
