@@ -4,13 +4,15 @@ DVC decides what is stale: every stage of `dvc.yaml` (per-expert `foreach` stage
 Prefect task run. A stage that `dvc status` reports up to date finishes in a `Cached` state without running;
 a stale one runs `dvc repro --single-item <stage>`, which executes the same `twinmerge <step>` command that
 `dvc repro` runs and records it in `dvc.lock`. Stages are scheduled by the DVC graph: every stage whose
-upstream stages are done is ready; ready stages of one `foreach` family (`compress@*`, ...) run side by side
-(thread pool), different families one after the other (`stage_groups`).
-Parallel stages split the CPU: each stage process gets cpu_count // (stages at once) BLAS/OpenMP threads (unless
-the caller set OMP_NUM_THREADS); two torch processes that each take every core spin against each other
+upstream stages are done is ready; up to `max_workers` ready stages run side by side (thread pool), the next
+one starting as soon as one finishes (larger `foreach` families first: `stage_groups`), so a family's last
+stage does not hold back the stages of another that are ready (`static@*` beside `compress@*`, ...).
+Parallel stages split the CPU: each stage process gets cpu_count // (stages at once when it starts)
+BLAS/OpenMP threads (unless the caller set OMP_NUM_THREADS); two torch processes that each take every core spin against each other
 (two parallel `compress` stages took 192 s instead of 4.7 s on 2 cores). Siblings of one family take about the
-same time, so splitting the cores between them loses nothing; a short stage beside a long one (`bundle` beside
-`evaluate`) would leave the long one on a fraction of the cores after the short one ends.
+same time, so splitting the cores between them loses little; a process cannot change its thread count, so a
+stage started beside another keeps its share after the other ends (the last stage of a run may finish on a
+fraction of the cores).
 No tensors pass through Prefect: tasks take stage names and return small dicts.
 """
 import json
@@ -85,10 +87,8 @@ def stage_threads(concurrent: int, cpus: int | None = None) -> int | None:
 
 
 def stage_groups(ready: list[str]) -> list[list[str]]:
-    """Ready stages grouped by `foreach` family (the name before '@'), largest group first, then by name.
-
-    Groups run one after the other; the stages of one group run side by side.
-    """
+    """Ready stages grouped by `foreach` family (the name before '@'), largest group first, then by name: the
+    order in which the flow starts them."""
     families: dict[str, list[str]] = {}
     for stage in sorted(ready):
         families.setdefault(stage.split("@")[0], []).append(stage)
@@ -186,25 +186,32 @@ def _run_stages(project_path: Path, max_workers: int) -> dict:
     changed: set[str] = set()  # stages whose outputs changed in this run: ran, or restored from the run-cache
     start = time.perf_counter()
     progress = create_progress_artifact(progress=0.0, key="twin-merging-progress", description="pipeline stages")
+    running: dict[str, object] = {}  # stage -> Prefect future
     with ThreadPoolTaskRunner(max_workers=max_workers) as runner:
         while len(done) < len(deps):
-            ready = [s for s in deps if s not in done and deps[s] <= done]
-            for group in stage_groups(ready):
-                threads = stage_threads(min(max_workers, len(group)))
-                futures = {s: runner.submit(run_stage, parameters={
-                    "stage": s, "project": str(project_path), "recheck": s in stale or bool(deps[s] & changed),
-                    "threads": threads})
-                    for s in group}
-                for s, fut in futures.items():
-                    fut.wait()
-                    result = fut.result(raise_on_failure=True)
-                    was_cached = fut.state.name == "Cached"
-                    (cached if was_cached else ran).append(s)
-                    if not was_cached or result.get("restored"):
-                        changed.add(s)
-                    done.add(s)
-                    update_progress_artifact(progress, progress=100.0 * len(done) / len(deps),
-                                             description=f"{len(done)}/{len(deps)} stages done")
+            ready = [s for group in stage_groups([s for s in deps if s not in done and s not in running
+                                                  and deps[s] <= done]) for s in group]
+            while ready and len(running) < max_workers:
+                stage = ready.pop(0)
+                threads = stage_threads(min(max_workers, len(running) + 1 + len(ready)))
+                running[stage] = runner.submit(run_stage, parameters={
+                    "stage": stage, "project": str(project_path),
+                    "recheck": stage in stale or bool(deps[stage] & changed), "threads": threads})
+            finished = [s for s, fut in running.items() if fut.wrapped_future.done()]
+            if not finished:
+                time.sleep(0.2)
+                continue
+            for s in finished:
+                fut = running.pop(s)
+                fut.wait()
+                result = fut.result(raise_on_failure=True)
+                was_cached = fut.state.name == "Cached"
+                (cached if was_cached else ran).append(s)
+                if not was_cached or result.get("restored"):
+                    changed.add(s)
+                done.add(s)
+                update_progress_artifact(progress, progress=100.0 * len(done) / len(deps),
+                                         description=f"{len(done)}/{len(deps)} stages done")
     leftover = stale_stages(project_path)
     if leftover:
         raise PipelineError(f"dvc status not clean after the flow: {leftover}")

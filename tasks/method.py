@@ -55,15 +55,18 @@ def evaluate_routed(method, ctx: Context, out_dir: Path, test: TaskPool, key: st
     n, task_ids = len(test.names), test.task_ids
     needs_router = any(m.data != "none" for m in method.modes.values())
     weights = method.router_weights(ctx, test.texts) if needs_router else None
+    computed = {}  # top_k -> (weights, heads, logits) of the last mode run: rows equal there are reused
     for mode_name, mode in method.modes.items():
         w = {"router": weights, "gold": gold_one_hot(task_ids, n),
              "router_argmax": None if weights is None else gold_one_hot(weights.argmax(1), n)}[mode.weights]
         heads = task_ids if mode.heads == "gold" else weights.argmax(1)
         top_k = ctx.top_k if mode.weights == "router" else 1
         row = f"{key}_{mode_name}"
+        logits = test.routed_logits(model, w, heads, top_k, desc=row, reuse=computed.get(top_k))
+        computed[top_k] = (w, heads, logits)
         stored_row = stored + (router_bytes(ctx.artifacts) if mode.data != "none" else 0)
         rows[row] = _row(method, mode.label, mode.uses_task_id, more_data(data, mode.data), stored_row,
-                         test.score_routed(model, w, heads, top_k, desc=row))
+                         test.score_logits(logits, heads))
     routing = None
     if weights is not None:
         router = ctx.artifacts / "router"
@@ -106,6 +109,11 @@ def run_method(params: Params, kind: str, key: str, artifacts: str | Path = "art
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "registered methods (params.yaml methods.<kind>.<key>: {method, options, grid}):\n" + "\n".join(
+        f"  {key:16s} {m.kind:7s} {m.label}; options {m.defaults or '{}'}" for key, m in METHODS.items())
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--kind", choices=METHOD_KINDS, help="section of params.methods (default: from $DVC_STAGE)")
     parser.add_argument("--key", help="method entry to run (default: the <key> of $DVC_STAGE <kind>@<key>)")

@@ -99,6 +99,25 @@ def place_labels(anchors, sizes, obstacles=(), bounds=None, gap=4.0, step=8.0):
     return centers
 
 
+def _choices(choices: dict, methods: dict) -> list[str]:
+    """Options chosen on validation data per method entry, with every grid point tried (and its stored bytes
+    where the choice trades bytes, as layer-wise merging's split does)."""
+    lines = ["", "Options chosen on validation data (mean normalised score on the validation splits):", ""]
+    for name, choice in choices.items():
+        if choice.get("validation_mean_normalized") is None:  # nothing chosen (no grid)
+            continue
+        label = methods[name]["label"] if name in methods else name
+        opts = ", ".join(f"{k}={v}" for k, v in choice.get("options", {}).items())
+        tried = "; ".join(
+            ", ".join(f"{k}={v}" for k, v in point["options"].items() if k in ("scaling", "split"))
+            + f": {_fmt(point['validation_mean_normalized'])}"
+            + (f" ({point['stored_bytes'] / MIB:.1f} MiB)" if "stored_bytes" in point else "")
+            for point in choice.get("grid", []))
+        lines.append(f"- `{name}` ({label}): {opts} (validation {_fmt(choice['validation_mean_normalized'])}"
+                     + (f"; tried {tried}" if tried else "") + ")")
+    return lines
+
+
 def markdown_report(metrics: dict, history_section: str = "") -> str:
     """The comparison table (normalised scores per task, mean, task id, storage), raw scores, routing and
     storage as markdown."""
@@ -121,14 +140,7 @@ def markdown_report(metrics: dict, history_section: str = "") -> str:
         cells = [_fmt(m["scores"].get(t)) for t in tasks]
         lines.append(f"| {_label(name, m)} | " + " | ".join(cells) + f" | {_fmt(m.get('mean_score'))} |")
     if metrics.get("choices"):
-        lines += ["", "Baseline options chosen on validation data:", ""]
-        for name, choice in metrics["choices"].items():
-            if choice.get("validation_mean_normalized") is None:  # nothing chosen (no grid)
-                continue
-            opts = ", ".join(f"{k}={v}" for k, v in choice.get("options", {}).items())
-            label = _label(name, methods[name]) if name in methods else name
-            lines.append(f"- {label}: {opts} (validation mean normalised "
-                         f"{_fmt(choice.get('validation_mean_normalized'))})")
+        lines += _choices(metrics["choices"], methods)
     routing = metrics.get("routing")
     if routing:
         lines += ["", f"Routing accuracy on test: {100 * routing['accuracy']:.1f}% "

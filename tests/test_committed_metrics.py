@@ -9,11 +9,37 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = json.loads((ROOT / "artifacts/eval/metrics.json").read_text())
 
 
+ROUTED = sorted({m[:-len("_router")] for m in METRICS["methods"] if m.endswith("_router")
+                 and m[:-len("_router")] + "_oracle" in METRICS["methods"]})
+
+
+@pytest.mark.parametrize("key", ROUTED)
 @pytest.mark.parametrize("task", [t for t in METRICS["tasks"] if METRICS["metric"][t] == "accuracy"])
-def test_router_heads_never_beat_oracle_heads(task):
-    """Same routing weights; a misrouted input is wrong under router heads: so, on accuracy, router <= oracle."""
+def test_router_rows_never_beat_oracle_rows(key, task):
+    """An input routed to its own task gets the same weights and head in both rows; a misrouted one is wrong
+    under the router: so, on accuracy, <key>_router <= <key>_oracle."""
     methods = METRICS["methods"]
-    assert methods["twin_router"]["scores"][task] <= methods["twin_oracle"]["scores"][task] + 1e-9
+    assert methods[f"{key}_router"]["scores"][task] <= methods[f"{key}_oracle"]["scores"][task] + 1e-9
+
+
+def test_every_row_says_what_it_uses_and_stores():
+    for name, row in METRICS["methods"].items():
+        assert row["uses_task_id"] == (not name.endswith("_router")), name
+        assert row["data"] in ("none", "validation_inputs", "validation_labels") and row["stored_bytes"] > 0, name
+    assert {"emr_oracle", "emr_router", "layerwise_router", "tsv_m", "iso_c", "iso_cts"} <= set(METRICS["methods"])
+
+
+def test_readme_rows_are_the_committed_rows():
+    """Every row of the README's results table is the committed metrics row of the same label."""
+    by_label = {row["label"]: row for row in METRICS["methods"].values()}
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("| ") and line.strip("| *").split(" |")[0].strip("*") in by_label]
+    assert len(lines) == len(by_label)
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        row = by_label[cells[0].strip("*")]
+        assert cells[1:len(METRICS["tasks"]) + 2] == [f"{row['normalized'][t]:.1f}" for t in METRICS["tasks"]] + [
+            f"{row['mean_normalized']:.1f}"], cells[0]
 
 
 def test_readme_headline_is_the_strict_router_score():

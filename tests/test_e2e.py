@@ -22,8 +22,6 @@ HAND_WRITTEN = {  # one input per task, none taken from the data
     "langid": "Der Hund schläft den ganzen Tag im Garten und träumt von Würsten.",
     "wordnet": "oak: a deciduous tree of the genus Quercus with lobed leaves and acorns",
 }
-METHODS = {"experts", "base_heads", "shared", "weight_average", "task_arithmetic", "ties", "dare",
-           "twin_router", "twin_oracle", "twin_true_routing"}
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
@@ -70,8 +68,16 @@ def test_dvc_repro_then_flow_reuses_everything(project):
 
 @pytest.mark.e2e
 def test_metrics_for_every_method_and_task(project):
+    from tasks.params import load_params
+    from twinmerge.methods import METHODS
+
     metrics = json.loads((project / "artifacts/eval/metrics.json").read_text())
-    assert set(metrics["methods"]) == METHODS
+    listed = load_params(project / "params.yaml").methods
+    assert set(listed.static) == {k for k, m in METHODS.items() if m.kind == "static"}  # smoke runs every method
+    assert set(listed.routed) == {k for k, m in METHODS.items() if m.kind == "routed"}
+    expected = {"experts", "base_heads", "shared"} | set(listed.static) | {
+        f"{key}_{mode}" for key in listed.routed for mode in METHODS[key].modes}
+    assert set(metrics["methods"]) == expected
     for name, row in metrics["methods"].items():
         assert set(row["scores"]) == set(metrics["tasks"]) and len(metrics["tasks"]) == 6, name
         assert all(0 <= s <= 100 for s in row["scores"].values()), name

@@ -67,19 +67,45 @@ class TaskPool:
             out.update(self.score_backbone(own, "expert", only=name))
         return out
 
-    def score_routed(self, model, weights: torch.Tensor, head_ids: torch.Tensor, top_k: int | None = None,
-                     desc: str = "routed") -> dict[str, float]:
-        """{task: score} of a RoutedDeltaModel over `texts` with per-sample weights [N, n] and heads [N]."""
+    def routed_logits(self, model, weights: torch.Tensor, head_ids: torch.Tensor, top_k: int | None = None,
+                      desc: str = "routed", reuse: tuple | None = None) -> torch.Tensor:
+        """Logits [N, C_max] of a RoutedDeltaModel over `texts` with per-sample weights [N, n] and heads [N].
+
+        reuse: (weights, head_ids, logits) of an earlier call with the same model and top_k: inputs whose weights
+        and head are equal there are not run again (e.g. an oracle row differs from the router row only on
+        misrouted inputs)."""
+        texts = self.texts
+        todo = torch.arange(len(texts))
+        if reuse is not None:
+            same = (reuse[0] == weights).all(1) & (reuse[1] == head_ids)
+            todo = (~same).nonzero().flatten()
+
         def run(idx, enc):
-            i = torch.tensor(idx)
+            i = todo[torch.tensor(idx)]
             return model(**enc, weights=weights[i], head_ids=head_ids[i], top_k=top_k).logits
-        logits = map_batches(run, self.tokenizer, self.texts, self.batch_size, self.max_length, desc=desc)
+
+        fresh = map_batches(run, self.tokenizer, [texts[i] for i in todo.tolist()], self.batch_size,
+                            self.max_length, desc=desc)
+        if reuse is None:
+            return fresh
+        logits = reuse[2].clone()
+        if len(todo):
+            logits[todo] = fresh
+        return logits
+
+    def score_logits(self, logits: torch.Tensor, head_ids: torch.Tensor) -> dict[str, float]:
+        """{task: score} from logits [N, C] over `texts` answered by heads [N]."""
         scores, start = {}, 0
         for name in self.names:
             k = len(self.split[name][0])
             scores[name] = self.score(name, logits[start:start + k], head_ids[start:start + k])
             start += k
         return scores
+
+    def score_routed(self, model, weights: torch.Tensor, head_ids: torch.Tensor, top_k: int | None = None,
+                     desc: str = "routed") -> dict[str, float]:
+        """{task: score} of a RoutedDeltaModel over `texts` with per-sample weights [N, n] and heads [N]."""
+        return self.score_logits(self.routed_logits(model, weights, head_ids, top_k, desc), head_ids)
 
 
 def summarize(scores: Mapping[str, float], reference: Mapping[str, float]) -> dict:
