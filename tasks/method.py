@@ -9,6 +9,7 @@ Options in a method's `grid` are chosen on the validation splits (normalised by 
 from `score_experts`); the test splits are used once, to score.
 """
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -26,8 +27,21 @@ RESULT_FORMAT = "twinmerge-method-result/1"
 
 
 def task_pool(params: Params, pool, split: str, tokenizer) -> TaskPool:
-    return TaskPool(pool, load_registry_split(params, split), {n: e.metric for n, e in params.experts.items()},
+    """The task pool of one split. The validation pool that methods select options on keeps at most
+    `evaluate.selection_max_per_task` inputs per task: a seeded random subset (seed `params.seed`), in order."""
+    data = load_registry_split(params, split)
+    cap = params.evaluate.selection_max_per_task
+    if split == "validation" and cap is not None:
+        data = {name: _subset(texts, labels, cap, params.seed) for name, (texts, labels) in data.items()}
+    return TaskPool(pool, data, {n: e.metric for n, e in params.experts.items()},
                     tokenizer, params.evaluate.batch_size, params.evaluate.max_length)
+
+
+def _subset(texts: list[str], labels: list[int], cap: int, seed: int) -> tuple[list[str], list[int]]:
+    if len(texts) <= cap:
+        return texts, labels
+    keep = sorted(random.Random(seed).sample(range(len(texts)), cap))
+    return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
 def _row(method, label: str, uses_task_id: bool, data: str, stored: int, scores: dict) -> dict:

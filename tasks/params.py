@@ -303,6 +303,8 @@ class EvaluateParams(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     regression_threshold: float = Field(2.0, ge=0)
+    # Methods choose grid options on at most this many validation inputs per task (seeded subset; null: all).
+    selection_max_per_task: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 """Step `score_experts`: the reference rows -> `artifacts/eval/experts.json`.
 
-Each expert on its own task (validation and test: the normalisation reference; 100 normalised by definition)
+Each expert on its own task (validation: the selection subset methods choose options on; test: the
+normalisation reference, 100 normalised by definition)
 and the pretrained base backbone with each task's expert head (test), with their stored bytes. Methods select
 their options against the validation scores; `evaluate` normalises every row by the test scores.
 """

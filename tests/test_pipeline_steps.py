@@ -472,3 +472,22 @@ def test_emr_and_layerwise_materialize_their_definitions(ran, project):
                                        rtol=1e-5, atol=1e-6)
             expected = pool.expert_tensor(name, k).float() if k in upper else lower[k].float()
             torch.testing.assert_close(lw_state[k], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_selection_subset_is_seeded_and_capped(ran, project):
+    """Methods choose options on at most evaluate.selection_max_per_task validation inputs per task: the same
+    seeded subset every time, in the split's order."""
+    from transformers import AutoTokenizer
+
+    params, _, _ = ran
+    tokenizer = AutoTokenizer.from_pretrained(project / "artifacts/base")
+    pool = modularize.open_pool(params, project / "artifacts/base", project / "artifacts/checkpoints")
+    full = method_step.task_pool(params, pool, "validation", tokenizer)
+    capped = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"selection_max_per_task": 10})})
+    first, again = (method_step.task_pool(capped, pool, "validation", tokenizer) for _ in range(2))
+    for name in params.experts:
+        texts = first.split[name][0]
+        assert len(texts) == 10 and texts == again.split[name][0]
+        positions = [full.split[name][0].index(t) for t in texts]
+        assert positions == sorted(positions)
+    assert len(method_step.task_pool(capped, pool, "test", tokenizer).texts) == len(full.texts) // 40 * 24
