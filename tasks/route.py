@@ -15,6 +15,7 @@ from tasks.params import Params, load_params
 from tasks.taskdata import load_registry_split
 from twinmerge.errors import TwinMergeError
 from twinmerge.io import SAFETENSORS, sha256_file, write_json_atomic
+from twinmerge.exclusive import one_thread
 from twinmerge.router import RouterConfig, extract_features, save_router, train_router
 
 
@@ -38,10 +39,11 @@ def fit_router(params: Params, shared_dir: str | Path = "artifacts/shared", out_
     model = AutoModel.from_pretrained(shared_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(shared_dir)
     r = params.router
-    features = extract_features(model, tokenizer, texts, layers=tuple(r.layers), pooling=r.pooling,
-                                max_length=r.max_length, progress=progress)
-    config = router_config(params, features.shape[1])
-    router, report = train_router(features, labels, config, progress=progress)
+    with one_thread():  # bit-identical routers whatever threads the flow gives this stage (1 or all cores)
+        features = extract_features(model, tokenizer, texts, layers=tuple(r.layers), pooling=r.pooling,
+                                    max_length=r.max_length, progress=progress)
+        config = router_config(params, features.shape[1])
+        router, report = train_router(features, labels, config, progress=progress)
     save_router(router, config, out_dir, tokenizer, sha256_file(Path(shared_dir) / SAFETENSORS))
     summary = {"experts": names, "holdout_accuracy": report.holdout_accuracy,
                "per_task": dict(zip(names, report.per_class_accuracy)), "confusion": report.confusion,
