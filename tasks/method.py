@@ -20,18 +20,19 @@ from tasks.params import METHOD_KINDS, Params, ParamsError, load_params, stage_i
 from tasks.taskdata import load_registry_split
 from twinmerge.io import atomic_dir, write_json_atomic
 from twinmerge.methods import METHODS, Context
-from twinmerge.methods.base import backbone_bytes, gold_one_hot, head_bytes, more_data, router_bytes
+from twinmerge.methods.base import backbone_bytes, gold_one_hot, head_bytes, more_data, result_row, router_bytes
 from twinmerge.taskpool import TaskPool
 
 RESULT_FORMAT = "twinmerge-method-result/1"
 
 
-def task_pool(params: Params, pool, split: str, tokenizer) -> TaskPool:
+def task_pool(params: Params, pool, split: str, tokenizer, capped: bool = True) -> TaskPool:
     """The task pool of one split. The validation pool that methods select options on keeps at most
-    `evaluate.selection_max_per_task` inputs per task: a seeded random subset (seed `params.seed`), in order."""
+    `evaluate.selection_max_per_task` inputs per task: a seeded random subset (seed `params.seed`), in order;
+    `capped=False` gives the whole split (what learning methods learn from)."""
     data = load_registry_split(params, split)
     cap = params.evaluate.selection_max_per_task
-    if split == "validation" and cap is not None:
+    if split == "validation" and cap is not None and capped:
         data = {name: _subset(texts, labels, cap, params.seed) for name, (texts, labels) in data.items()}
     return TaskPool(pool, data, {n: e.metric for n, e in params.experts.items()},
                     tokenizer, params.evaluate.batch_size, params.evaluate.max_length)
@@ -45,8 +46,7 @@ def _subset(texts: list[str], labels: list[int], cap: int, seed: int) -> tuple[l
 
 
 def _row(method, label: str, uses_task_id: bool, data: str, stored: int, scores: dict) -> dict:
-    return {"label": label, "method": method.key, "reference": method.reference, "uses_task_id": uses_task_id,
-            "data": data, "stored_bytes": stored, "scores": scores}
+    return result_row(label, method.key, method.reference, uses_task_id, data, stored, scores)
 
 
 def routing_stats(names: list[str], weights: torch.Tensor, task_ids: torch.Tensor) -> dict:
@@ -102,16 +102,20 @@ def run_method(params: Params, kind: str, key: str, artifacts: str | Path = "art
     pool = open_pool(params, artifacts / "base", artifacts / "checkpoints")
     tokenizer = AutoTokenizer.from_pretrained(artifacts / "base")
     reference = json.loads((artifacts / "eval" / "experts.json").read_text())["validation"]
-    ctx = Context(pool, task_pool(params, pool, "validation", tokenizer), reference, artifacts,
-                  params.evaluate.temperature, params.evaluate.top_k, progress)
+    test = task_pool(params, pool, "test", tokenizer)
+    data = method.data(spec.grid, spec.options)
+    ctx = Context(pool, task_pool(params, pool, "validation", tokenizer), reference,
+                  task_pool(params, pool, "validation", tokenizer, capped=False), params.seed,
+                  {n: list(texts) for n, (texts, _) in test.split.items()} if data == "test_inputs" else None,
+                  artifacts, params.evaluate.temperature, params.evaluate.top_k, progress)
     out_dir = artifacts / "methods" / key
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out_dir) as tmp:
         info = method.build(ctx, tmp, dict(spec.grid), **spec.options)
-    test = task_pool(params, pool, "test", tokenizer)
-    data = method.data(spec.grid)
     if method.kind == "static":
-        rows = {key: _row(method, f"{method.label} (task id picks the head)", True, data,
+        tta = ", adapted on unlabelled TEST inputs: the paper's protocol, not comparable" if data == "test_inputs" \
+            else ""
+        rows = {key: _row(method, f"{method.label} (task id picks the head{tta})", True, data,
                           method.stored_bytes(ctx, out_dir), test.score_backbone(method.backbone(out_dir), key))}
         routing = None
     else:

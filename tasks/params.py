@@ -269,9 +269,7 @@ class MethodsParams(_Strict):
 
     @model_validator(mode="after")
     def _known(self):
-        from twinmerge.merge import resolve_options
         from twinmerge.methods import METHODS
-        from twinmerge.methods.base import check_options
 
         for kind in METHOD_KINDS:
             for key, spec in getattr(self, kind).items():
@@ -283,8 +281,7 @@ class MethodsParams(_Strict):
                     raise ValueError(f"{kind}.{key}: {spec.method!r} is a {method.kind} method; list it under "
                                      f"methods.{method.kind}")
                 try:
-                    options = resolve_options(spec.method, spec.options) if kind == "static" \
-                        else check_options(spec.method, method.defaults, spec.options)
+                    options = method.resolve(spec.options)
                 except ValueError as e:
                     raise ValueError(f"{kind}.{key}: {e}") from None
                 unknown = sorted(set(spec.grid) - set(options))

@@ -118,6 +118,30 @@ def _choices(choices: dict, methods: dict) -> list[str]:
     return lines
 
 
+def _learning(choices: dict, methods: dict, tasks: list[str]) -> list[str]:
+    """What each learning method learned from, its steps and first/last loss, and the tasks where it falls
+    below the unmerged base model (`base` row) or that its objective could not use: said, not hidden."""
+    learned = {k: c for k, c in choices.items() if c.get("learning")}
+    if not learned:
+        return []
+    lines = ["", "Learning methods (learned on the validation splits only; curves: `learning_curves.csv`):", ""]
+    base = methods.get("base", {}).get("normalized", {})
+    for key, choice in learned.items():
+        curve = choice["learning"]["curve"]
+        rows = [r for r in methods if r == key or methods[r].get("method") and r.startswith(f"{key}_")]
+        below = sorted({t for r in rows for t in tasks
+                        if base.get(t) is not None and methods[r]["normalized"].get(t) is not None
+                        and methods[r]["normalized"][t] < base[t]})
+        text = (f"- `{key}`: {choice.get('objective', 'loss')}, {len(curve)} steps, loss {_fmt(curve[0])} -> "
+                f"{_fmt(curve[-1])}")
+        if choice.get("not_learned_from"):
+            text += f"; not learned from {', '.join(choice['not_learned_from'])} ({choice.get('why_not')})"
+        if below:
+            text += f"; **below the unmerged base model on {', '.join(below)}**"
+        lines.append(text)
+    return lines
+
+
 def markdown_report(metrics: dict, history_section: str = "") -> str:
     """The comparison table (normalised scores per task, mean, task id, storage), raw scores, routing and
     storage as markdown."""
@@ -141,6 +165,7 @@ def markdown_report(metrics: dict, history_section: str = "") -> str:
         lines.append(f"| {_label(name, m)} | " + " | ".join(cells) + f" | {_fmt(m.get('mean_score'))} |")
     if metrics.get("choices"):
         lines += _choices(metrics["choices"], methods)
+        lines += _learning(metrics["choices"], methods, tasks)
     routing = metrics.get("routing")
     if routing:
         lines += ["", f"Routing accuracy on test: {100 * routing['accuracy']:.1f}% "
@@ -173,8 +198,9 @@ def _round(x):
 
 
 def write_plot_csvs(metrics: dict, out_dir: Path) -> None:
-    """`heatmap.csv` (method, task, normalized; task `mean` is the row mean), rows best first, and
-    `pareto.csv` (one line per row with stored_bytes)."""
+    """`heatmap.csv` (method, task, normalized; task `mean` is the row mean), rows best first, `pareto.csv`
+    (one line per row with stored_bytes) and `learning_curves.csv` (method entry, step, loss of each learning
+    method; header only when none ran)."""
     methods = metrics["methods"]
     order = row_order(methods)
     heat = [[k, t, _round(methods[k]["normalized"].get(t))] for k in order for t in metrics["tasks"]]
@@ -188,6 +214,9 @@ def write_plot_csvs(metrics: dict, out_dir: Path) -> None:
             for k, m in methods.items() if m.get("stored_bytes") is not None]
     write_text_atomic(_csv(["method", "label", "stored_mib", "mean_normalized", "uses_task_id", "pareto"], rows),
                       out_dir / "pareto.csv")
+    curves = [[key, step, loss] for key, choice in (metrics.get("choices") or {}).items()
+              for step, loss in enumerate((choice.get("learning") or {}).get("curve", []))]
+    write_text_atomic(_csv(["method", "step", "loss"], curves), out_dir / "learning_curves.csv")
 
 
 def _save_fig(fig, path: Path) -> None:

@@ -13,7 +13,7 @@ from tasks.method import task_pool
 from tasks.modularize import open_pool
 from tasks.params import Params, load_params
 from twinmerge.io import write_json_atomic
-from twinmerge.methods.base import backbone_bytes, head_bytes
+from twinmerge.methods.base import backbone_bytes, head_bytes, result_row
 
 ROWS = {
     "experts": ("Individual experts (upper bound; task id picks the expert)", True),
@@ -31,8 +31,8 @@ def score_experts(params: Params, artifacts: str | Path = "artifacts") -> dict:
     scores = {"experts": test.score_experts(), "base_heads": test.score_backbone(base, "base")}
     stored = {"experts": len(pool.names) * backbone + heads, "base_heads": backbone + heads}
     out = {"tasks": list(pool.names), "validation": val.score_experts(), "test": scores["experts"],
-           "rows": {row: {"label": label, "method": row, "reference": None, "uses_task_id": uses, "data": "none",
-                          "stored_bytes": stored[row], "scores": scores[row]} for row, (label, uses) in ROWS.items()}}
+           "rows": {row: result_row(label, row, None, uses, "none", stored[row], scores[row])
+                    for row, (label, uses) in ROWS.items()}}
     write_json_atomic(out, artifacts / "eval" / "experts.json")
     return out
 

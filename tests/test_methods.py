@@ -28,10 +28,11 @@ def test_every_method_declares_itself(key):
         assert all(callable(getattr(method, f)) for f in ("build", "model", "stored_bytes"))
 
 
-def test_static_methods_are_the_merge_registry():
-    assert set(STATIC) == set(MERGE_METHODS)
-    assert all(isinstance(METHODS[k], StaticMethod) and METHODS[k].defaults == MERGE_METHODS[k].defaults
-               for k in STATIC)
+def test_static_methods_are_the_merge_registry_and_the_learning_methods():
+    merges = [k for k in STATIC if isinstance(METHODS[k], StaticMethod)]
+    assert set(merges) == set(MERGE_METHODS)
+    assert all(METHODS[k].defaults == MERGE_METHODS[k].defaults for k in merges)
+    assert set(STATIC) - set(merges) == {"adamerging", "concrete", "self_positioning"}
 
 
 @pytest.mark.parametrize("key", [k for k in MERGE_METHODS if MERGE_METHODS[k].linear_in_scaling])

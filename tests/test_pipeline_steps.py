@@ -57,6 +57,9 @@ def _task_tables(root, task_index, num_labels, rng):
 GRIDS = {"task_arithmetic": {"scaling": [0.3, 0.6]}, "layerwise": {"split": [1, 2]}}
 EVERY_METHOD = {kind: {key: {"grid": GRIDS[key]} if key in GRIDS else {}
                        for key, m in METHODS.items() if m.kind == kind} for kind in ("static", "routed")}
+for _key, _m in METHODS.items():  # learning methods: a few steps (their default is minutes of real data)
+    if "steps" in _m.defaults:
+        EVERY_METHOD[_m.kind][_key]["options"] = {"steps": 3, "batch_size": 8}
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +211,10 @@ def test_report_has_table_and_plots(ran, project):
         assert (project / "artifacts/report" / png).stat().st_size > 1000
     for table in ("heatmap.csv", "pareto.csv"):
         assert (project / "artifacts/report" / table).read_text().startswith("method,")
+    learning = [k for k, m in METHODS.items() if "steps" in m.defaults]
+    curves = pd.read_csv(project / "artifacts/report/learning_curves.csv")
+    assert set(curves["method"]) == set(learning) and list(curves.columns) == ["method", "step", "loss"]
+    assert all(f"- `{k}`: " in text for k in learning)  # the learning section: objective, steps, losses
 
 
 def test_bundle_predictions_match_evaluation(ran, project):
@@ -416,10 +423,10 @@ def _context(params, project):
 
     pool = modularize.open_pool(params, project / "artifacts/base", project / "artifacts/checkpoints")
     val = method_step.task_pool(params, pool, "validation", AutoTokenizer.from_pretrained(project / "artifacts/base"))
-    return Context(pool, val, {}, project / "artifacts", progress=False)
+    return Context(pool, val, {}, artifacts=project / "artifacts", progress=False)
 
 
-@pytest.mark.parametrize("key", [k for k, m in METHODS.items() if m.kind == "routed"])
+@pytest.mark.parametrize("key", [k for k, m in METHODS.items() if m.kind == "routed" and m.materializable])
 def test_routed_batch_equals_per_sample_materialized_models(ran, project, key):
     """One batch mixing every expert through a routed method's engine (one-hot top-1 weights, and soft weights
     over all experts) equals each input run alone through an ordinary classifier with that input's merged

@@ -22,8 +22,10 @@ from twinmerge.io import ExpertSet
 from twinmerge.taskpool import TaskPool
 
 # What a row learned or selected from, in increasing order: nothing; validation inputs with their task ids
-# (the router); validation labels (options chosen by validation score).
-DATA = ("none", "validation_inputs", "validation_labels")
+# (the router, unsupervised learning); validation labels (options chosen by validation score, supervised
+# learning); unlabelled TEST inputs (the test-time adaptation protocol of AdaMerging/Concrete's papers: `_tta`
+# rows, never a headline).
+DATA = ("none", "validation_inputs", "validation_labels", "test_inputs")
 
 
 def more_data(*kinds: str) -> str:
@@ -52,13 +54,19 @@ class Mode:
 
 @dataclass
 class Context:
-    """What a method may read: the expert pool, the validation task pool with the experts' validation scores
-    (normalisation of the selection score), the pipeline's artifacts folder (Twin-Merging's shared expert,
-    exclusive factors and router live there), evaluation options and progress display."""
+    """What a method may read: the expert pool, the validation task pool that grid choices are scored on (a
+    seeded subset of each validation split) with the experts' validation scores (normalisation of the selection
+    score), the whole validation splits that learning methods learn from (`learn`; never test data), the
+    pipeline's artifacts folder (Twin-Merging's shared expert, exclusive factors and router live there),
+    evaluation options, the seed and progress display. `test_inputs` (texts only) is given to methods whose
+    options ask for the papers' test-time adaptation protocol (`learn_on: test_inputs`)."""
 
     pool: ExpertSet
     validation: TaskPool
     validation_reference: dict[str, float]
+    learn: TaskPool | None = None
+    seed: int = 0
+    test_inputs: dict[str, list[str]] | None = None  # {task: test texts}, no labels: only for `_tta` rows
     artifacts: Path = Path("artifacts")
     temperature: float = 1.0
     top_k: int | None = None
@@ -104,6 +112,13 @@ def router_bytes(artifacts: Path) -> int:
     return (Path(artifacts) / "router" / "model.safetensors").stat().st_size
 
 
+def result_row(label: str, method: str, reference: str | None, uses_task_id: bool, data: str, stored_bytes: int,
+               scores: dict[str, float]) -> dict:
+    """One row of a result file (`artifacts/eval/methods/<key>.json`, `experts.json`): what `evaluate` gathers."""
+    return {"label": label, "method": method, "reference": reference, "uses_task_id": uses_task_id, "data": data,
+            "stored_bytes": stored_bytes, "scores": scores}
+
+
 def gold_one_hot(task_ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(task_ids, n).float()
 
@@ -119,12 +134,16 @@ class RoutedMethod:
     key = label = reference = ""
     modes: dict[str, Mode] = {}
     data_used = "none"  # what `build` selects or learns from (beyond the router)
+    materializable = True  # model(...).materialize(weights, head) gives one input's ordinary model
 
     @property
     def defaults(self) -> dict[str, Any]:
         return option_defaults(self.build)
 
-    def data(self, grid: dict) -> str:
+    def resolve(self, options: dict) -> dict[str, Any]:
+        return check_options(self.key, self.defaults, options)
+
+    def data(self, grid: dict, options: dict | None = None) -> str:
         return more_data(self.data_used, "validation_labels" if grid else "none")
 
     def static_rows(self, ctx: Context, out_dir: Path) -> dict[str, tuple[str, dict]]:

@@ -9,17 +9,17 @@ Rows: `<key>_router` (the router's argmax picks upper layers and head; no task i
 `split` is chosen on validation data (oracle protocol, validation labels) from the grid: the largest split
 (fewest stored bytes) whose mean normalised score is within `tolerance` points of the grid's best.
 """
+import json
 import re
 from pathlib import Path
 
 from twinmerge.errors import MergeError
-from twinmerge.io import write_json_atomic
 from twinmerge.merge import build_shared_expert, resolve_options
 from twinmerge.methods.base import (Context, Mode, RoutedMethod, backbone_bytes, expert_heads, gold_one_hot,
                                     head_bytes, nbytes)
 from twinmerge.modelpool import assemble_classifier
 from twinmerge.routed import RoutedDeltaModel, dense_delta_set
-from twinmerge.shared import load_shared, save_shared
+from twinmerge.shared import SHARED_META, load_shared, save_shared
 from twinmerge.taskpool import summarize
 
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
@@ -51,7 +51,7 @@ class LayerwiseMerging(RoutedMethod):
 
     def build(self, ctx: Context, out_dir: Path, grid: dict, *, split: int = 5, merge: str = "task_arithmetic",
               merge_options: dict | None = None, tolerance: float = 1.0) -> dict:
-        """Merge the lower layers for each grid split; keep the chosen split's backbone (layerwise.json: split)."""
+        """Merge the lower layers for each grid split; keep the chosen split's backbone (its twinmerge.json records the split)."""
         options = resolve_options(merge, merge_options)
         keys = ctx.pool.mergeable_keys()
         splits = sorted(set(grid.get("split", [split])))
@@ -78,7 +78,6 @@ class LayerwiseMerging(RoutedMethod):
             chosen, mean = splits[0], None
         save_shared(built[chosen], ctx.pool, out_dir, {"method": self.key, "split": chosen, "merge": merge,
                                                        "merge_options": options})
-        write_json_atomic({"split": chosen}, out_dir / "layerwise.json")
         return {"choice": {"options": {"split": chosen, "merge": merge, "merge_options": options,
                                        "tolerance": tolerance},
                            "validation_mean_normalized": mean, "grid": tried}}
@@ -108,9 +107,8 @@ class LayerwiseMerging(RoutedMethod):
             + head_bytes(ctx.pool)
 
     def _split(self, out_dir: Path) -> int:
-        import json
-
-        return json.loads((out_dir / "layerwise.json").read_text())["split"]
+        """The chosen split, recorded in the backbone folder's twinmerge.json (`save_shared`'s report)."""
+        return json.loads((Path(out_dir) / SHARED_META).read_text())["merge"]["split"]
 
     def model(self, ctx: Context, out_dir: Path) -> RoutedDeltaModel:
         return self._model(ctx, load_shared(out_dir), self._split(out_dir))

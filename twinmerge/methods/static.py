@@ -31,7 +31,11 @@ class StaticMethod:
     def defaults(self) -> dict:
         return self.merge.defaults
 
-    def data(self, grid: dict) -> str:
+    def resolve(self, options: dict) -> dict:
+        """`options` checked and completed with the merge function's defaults (MergeError otherwise)."""
+        return resolve_options(self.key, options)
+
+    def data(self, grid: dict, options: dict | None = None) -> str:
         return "validation_labels" if grid else "none"
 
     def grid_backbones(self, pool, options: dict, grid: dict):
