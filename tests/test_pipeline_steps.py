@@ -60,6 +60,7 @@ EVERY_METHOD = {kind: {key: {"grid": GRIDS[key]} if key in GRIDS else {}
 for _key, _m in METHODS.items():  # learning methods: a few steps (their default is minutes of real data)
     if "steps" in _m.defaults:
         EVERY_METHOD[_m.kind][_key]["options"] = {"steps": 3, "batch_size": 8}
+EVERY_METHOD["static"]["ties_per_tensor"] = {"method": "ties", "options": {"trim": "per_tensor"}}  # a 2nd entry
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +148,16 @@ def test_shared_expert_loads_with_transformers(ran, project):
 
     model = AutoModel.from_pretrained(project / "artifacts/shared")
     assert model.config.hidden_size == 32
+
+
+def test_rows_have_distinct_labels(ran):
+    """Two entries of one method (ties, ties_per_tensor) get their row names in their labels; every label in the
+    table is distinct."""
+    _, metrics, _ = ran
+    labels = [r["label"] for r in metrics["methods"].values()]
+    assert len(set(labels)) == len(labels)
+    assert metrics["methods"]["ties_per_tensor"]["label"].endswith("[ties_per_tensor]")
+    assert metrics["methods"]["ties"]["label"].endswith("[ties]")
 
 
 def test_metrics_cover_every_method_and_task(ran):

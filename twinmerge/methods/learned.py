@@ -61,6 +61,10 @@ class LearnedMethod:
     def resolve(self, options: dict) -> dict:
         return check_options(self.key, self.defaults, options)
 
+    def variant(self, options: dict) -> str:
+        """What distinguishes this entry's rows from other entries of the same method (in its label)."""
+        return ""
+
     def data(self, grid: dict, options: dict | None = None) -> str:
         tta = (options or {}).get("learn_on") == "test_inputs"
         return more_data(self.data_used, "validation_labels" if grid else "none", "test_inputs" if tta else "none")
@@ -162,6 +166,9 @@ class AdaMerging(LearnedMethod):
 
     key = "adamerging"
     label = "AdaMerging"
+
+    def variant(self, options: dict) -> str:
+        return f", {self.resolve(options)['granularity']}-wise"
     reference = "Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task Learning, ICLR 2024 (arXiv 2310.02575)"
 
     def learn(self, ctx: Context, setup: _Setup, *, granularity: str = "layer", init: float = 0.3,
@@ -198,6 +205,10 @@ class ConcreteSubspace(LearnedMethod):
 
     key = "concrete"
     label = "Concrete subspace learning"
+
+    def variant(self, options: dict) -> str:
+        inner = self.resolve(options)["inner"]
+        return ", inner " + ("Task Arithmetic" if inner == "task_arithmetic" else "AdaMerging")
     reference = ("Tang et al., Concrete Subspace Learning based Interference Elimination for Multi-task Model "
                  "Fusion, 2023 (arXiv 2312.06173)")
 

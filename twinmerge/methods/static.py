@@ -31,6 +31,9 @@ class StaticMethod:
     def defaults(self) -> dict:
         return self.merge.defaults
 
+    def variant(self, options: dict) -> str:
+        return ""
+
     def resolve(self, options: dict) -> dict:
         """`options` checked and completed with the merge function's defaults (MergeError otherwise)."""
         return resolve_options(self.key, options)
