@@ -125,10 +125,10 @@ def _learning(choices: dict, methods: dict, tasks: list[str]) -> list[str]:
     if not learned:
         return []
     lines = ["", "Learning methods (learned on the validation splits only; curves: `learning_curves.csv`):", ""]
-    base = methods.get("base", {}).get("normalized", {})
+    base = methods.get("base_heads", {}).get("normalized", {})
     for key, choice in learned.items():
         curve = choice["learning"]["curve"]
-        rows = [r for r in methods if r == key or methods[r].get("method") and r.startswith(f"{key}_")]
+        rows = [r for r in methods if r == key or r.startswith(f"{key}_") and r not in choices]  # entry's rows
         below = sorted({t for r in rows for t in tasks
                         if base.get(t) is not None and methods[r]["normalized"].get(t) is not None
                         and methods[r]["normalized"][t] < base[t]})

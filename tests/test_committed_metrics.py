@@ -23,10 +23,29 @@ def test_router_rows_never_beat_oracle_rows(key, task):
 
 
 def test_every_row_says_what_it_uses_and_stores():
+    from twinmerge.methods.base import DATA
+
     for name, row in METRICS["methods"].items():
         assert row["uses_task_id"] == (not name.endswith("_router")), name
-        assert row["data"] in ("none", "validation_inputs", "validation_labels") and row["stored_bytes"] > 0, name
-    assert {"emr_oracle", "emr_router", "layerwise_router", "tsv_m", "iso_c", "iso_cts"} <= set(METRICS["methods"])
+        assert row["data"] in DATA and row["stored_bytes"] > 0, name
+        assert (row["data"] == "test_inputs") == name.endswith("_tta") and ("TEST inputs" in row["label"]) == (
+            row["data"] == "test_inputs"), name  # the papers' test-time protocol is always named as such
+    assert {"emr_oracle", "emr_router", "layerwise_router", "tsv_m", "iso_c", "iso_cts", "adamerging_task",
+            "adamerging_layer", "concrete_ta", "concrete_adamerging", "wemoe_router", "wemoe_oracle",
+            "self_positioning"} <= set(METRICS["methods"])
+
+
+def test_learning_rows_learned_from_validation_and_show_their_curves():
+    """Every learning entry's choice carries its loss curve; only `_tta` rows saw test inputs."""
+    learned = {k: c for k, c in METRICS["choices"].items() if c.get("learning")}
+    assert {"adamerging_task", "adamerging_layer", "concrete_ta", "concrete_adamerging", "self_positioning",
+            "wemoe"} <= set(learned)
+    for key, choice in learned.items():
+        assert len(choice["learning"]["curve"]) == choice["learning"]["steps"] > 0, key
+    rows = METRICS["methods"]
+    assert rows["self_positioning"]["data"] == "validation_labels"
+    assert {rows[k]["data"] for k in ("adamerging_task", "adamerging_layer", "concrete_ta", "concrete_adamerging",
+                                       "wemoe_oracle")} == {"validation_inputs"}
 
 
 def test_readme_rows_are_the_committed_rows():

@@ -157,3 +157,21 @@ def test_rows_without_optional_fields_render(tmp_path):
     assert (tmp_path / "pareto.csv").read_text().strip() == \
         "method,label,stored_mib,mean_normalized,uses_task_id,pareto"
     assert " | - | - |\n" in report.markdown_report(metrics)  # task id unknown, no storage
+
+
+def test_learning_section_flags_tasks_below_the_base_and_left_out_tasks():
+    """A learning entry's rows (static `<key>`, routed `<key>_<mode>`, not another entry `<key>_tta`) are compared
+    with the unmerged base row per task; the tasks below it and the ones its objective left out are said."""
+    m = synthetic_metrics()
+    base = m["methods"]["base_heads"]["normalized"]
+    for name, row in (("ada", {t: base[t] + 1 for t in TASKS}), ("ada_tta", {t: 0.0 for t in TASKS}),
+                      ("moe_router", {**{t: base[t] + 1 for t in TASKS}, "bbc": base["bbc"] - 1})):
+        m["methods"][name] = {**m["methods"]["ties"], "normalized": row}
+    curve = {"learning": {"steps": 2, "curve": [3.0, 2.5]}}
+    m["choices"] = {"ada": {**curve, "objective": "entropy"}, "ada_tta": dict(curve),
+                    "moe": {**curve, "objective": "entropy", "not_learned_from": ["langid"], "why_not": "regression"}}
+    lines = report._learning(m["choices"], m["methods"], TASKS)
+    ada, tta, moe = (next(x for x in lines if x.startswith(f"- `{k}`")) for k in ("ada", "ada_tta", "moe"))
+    assert ada == "- `ada`: entropy, 2 steps, loss 3.0 -> 2.5"
+    assert "below the unmerged base model on " + ", ".join(sorted(TASKS)) in tta
+    assert "**below the unmerged base model on bbc**" in moe and "not learned from langid (regression)" in moe
