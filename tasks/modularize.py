@@ -11,13 +11,16 @@ __all__ = ["open_pool", "modularize", "load_shared"]
 
 
 def open_pool(params: Params, base_dir: str | Path = "artifacts/base",
-              checkpoints_dir: str | Path = "artifacts/checkpoints") -> ExpertSet:
-    """The base and every expert of params.yaml, as downloaded into artifacts/, validated together."""
-    return ExpertSet(base_dir, {name: Path(checkpoints_dir) / name for name in params.experts})
+              checkpoints_dir: str | Path = "artifacts/checkpoints", names: list[str] | None = None) -> ExpertSet:
+    """The base and the experts `names` (default: every expert of params.yaml), as downloaded into artifacts/,
+    validated together."""
+    return ExpertSet(base_dir, {name: Path(checkpoints_dir) / name for name in names or params.experts})
 
 
 def modularize(params: Params, out_dir: str | Path = "artifacts/shared", **pool_dirs) -> Path:
-    pool = open_pool(params, **pool_dirs)
+    """Merge `params.shared_experts` (merge.experts, default all): an expert left out (incremental mode) does
+    not change a byte of the shared expert."""
+    pool = open_pool(params, names=params.shared_experts, **pool_dirs)
     state, report = build_shared_expert(pool, params.merge.method, params.merge.options,
                                         params.merge.include, params.merge.exclude)
     return save_shared(state, pool, out_dir, report)

@@ -193,10 +193,30 @@ class ExpertSpec(_Strict):
         return v
 
 class MergeParams(_Strict):
+    """The shared expert: `method`/`options` over the tensors matching `include` and no `exclude` pattern, of the
+    experts listed in `experts` (null: every registered expert).
+
+    Incremental mode (`incremental: true`): `twinmerge expert add` pins `experts` to the experts merged so far
+    and leaves the new one out, so the shared expert stays byte-identical and only the new expert's `compress`
+    runs (its exclusive knowledge is taken against the frozen shared expert); the router is refit on all of
+    them. A full re-merge (`experts: null`) happens on `twinmerge expert remerge`, or on the add that would
+    leave `remerge_after` experts outside the shared expert (null: only when asked).
+    """
+
     method: Name = "task_arithmetic"
     options: dict = Field(default_factory=lambda: {"scaling": 0.3})
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
+    experts: list[Name] | None = None
+    incremental: bool = False
+    remerge_after: int | None = Field(None, ge=1)
+
+    @field_validator("experts")
+    @classmethod
+    def _distinct(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("list each expert once, at least one (null: every expert)")
+        return v
 
     @model_validator(mode="after")
     def _known_method(self):
@@ -333,6 +353,20 @@ class Params(_Strict):
     methods: MethodsParams = Field(default_factory=MethodsParams)
     watch: WatchParams = Field(default_factory=WatchParams)
 
+    @model_validator(mode="after")
+    def _merged_experts_registered(self):
+        unknown = [n for n in self.merge.experts or [] if n not in self.experts]
+        if unknown:
+            raise ValueError(f"merge.experts: {', '.join(unknown)} not registered under experts (remove it from "
+                             "merge.experts, or `twinmerge expert remerge` to merge every expert)")
+        return self
+
+    @property
+    def shared_experts(self) -> list[str]:
+        """The experts merged into the shared expert, in registry order."""
+        chosen = set(self.merge.experts or self.experts)
+        return [n for n in self.experts if n in chosen]
+
 
 class DuplicateKeyError(yaml.YAMLError):
     """A mapping with the same key twice: 'line N: duplicate key ...'."""
@@ -378,5 +412,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except ValidationError as e:
         err = e.errors()[0]
         loc = err["loc"][:-2] if err["loc"][-1:] == ("[key]",) else err["loc"]  # a bad key: name its mapping
-        where = ".".join(str(x) for x in loc) or "(top level)"
-        raise ParamsError(f"{path}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+        where = ".".join(str(x) for x in loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if not where and err["type"] != "value_error":  # a model-level check names its own fields
+            where = "(top level)"
+        raise ParamsError(f"{path}: {where}: {msg}" if where else f"{path}: {msg}") from None

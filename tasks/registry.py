@@ -1,4 +1,4 @@
-"""Expert registry: `twinmerge expert add|list`, source fingerprints and the watcher's recorded state.
+"""Expert registry: `twinmerge expert add|remerge|list`, source fingerprints and the watcher's recorded state.
 
 The registry is params.yaml `experts:` (name -> {path, task, data, metric}) plus `hub_sources:` for Hub experts
 (whose path is `data/hub/<name>`). `expert add` validates the checkpoint against the base before it touches
@@ -190,10 +190,54 @@ def write_params_entry(params_path: str | Path, name: str, expert: dict, hub: di
             doc["hub_sources"][name] = _flow_map(hub)
         if doc.get("experts") is None:
             doc["experts"] = {}
+        if name not in doc["experts"]:
+            _keep_shared_frozen(doc)
         doc["experts"][name] = _flow_map(expert)
         buf = io.StringIO()
         y.dump(doc, buf)
         _replace_validated(path, buf.getvalue())
+
+
+def _keep_shared_frozen(doc) -> None:
+    """Incremental mode (merge.incremental), before a NEW expert is added to `doc`: pin merge.experts to the
+    experts merged so far (the new one stays out of the shared expert), or set it back to null (full re-merge)
+    when the new expert would leave merge.remerge_after experts outside it."""
+    merge = doc.get("merge") or {}
+    if not merge.get("incremental"):
+        return
+    merged = list(merge.get("experts") or doc["experts"])
+    outside = len(doc["experts"]) + 1 - len(merged)
+    after = merge.get("remerge_after")
+    value = None if after and outside >= after else _flow_list(merged)
+    if "experts" in merge or not hasattr(merge, "insert") or not merge:
+        merge["experts"] = value
+    else:  # before the last key, which carries the comments that precede the next section
+        merge.insert(len(merge) - 1, "experts", value)
+    doc["merge"] = merge
+
+
+def _flow_list(items: list):
+    from ruamel.yaml.comments import CommentedSeq
+
+    seq = CommentedSeq(items)
+    seq.fa.set_flow_style()
+    return seq
+
+
+def remerge(params_path: str | Path = "params.yaml") -> list[str]:
+    """Full re-merge on the next run: merge.experts -> null (every expert). Returns the experts it adds back."""
+    path = Path(params_path)
+    y = _yaml()
+    with params_lock(path):
+        params = load_params(path)
+        outside = [n for n in params.experts if n not in params.shared_experts]
+        doc = y.load(path.read_text())
+        if (doc.get("merge") or {}).get("experts") is not None:
+            doc["merge"]["experts"] = None
+            buf = io.StringIO()
+            y.dump(doc, buf)
+            _replace_validated(path, buf.getvalue())
+    return outside
 
 
 def _replace_validated(path: Path, text: str) -> None:
@@ -321,6 +365,9 @@ def add_arguments(parser) -> None:
     add.add_argument("--replace", action="store_true", help="overwrite an expert of the same name")
     add.add_argument("--no-event", action="store_true", help="do not emit the Prefect event expert.added")
     add.add_argument("--params", default="params.yaml")
+    again = sub.add_parser("remerge", help="merge.experts -> null: the next run merges every expert into the "
+                                           "shared expert and recompresses every expert against it")
+    again.add_argument("--params", default="params.yaml")
     lst = sub.add_parser("list", help="registered experts, content hash and status vs the last recorded run")
     lst.add_argument("--params", default="params.yaml")
     lst.add_argument("--state", default=STATE_PATH)
@@ -330,10 +377,19 @@ def main(args) -> None:
     if args.action == "list":
         print(format_table(expert_table(load_params(args.params), args.state)))
         return
+    if args.action == "remerge":
+        outside = remerge(args.params)
+        print(f"{args.params}: merge.experts: null; the next run re-merges every expert"
+              + (f" (adds {', '.join(outside)} to the shared expert)" if outside else " (all were merged already)"))
+        return
     entry = add_expert(args.name, args.task, args.data, args.metric, path=args.path, repo_id=args.repo_id,
                        subfolder=args.subfolder, revision=args.revision, params_path=args.params,
                        replace=args.replace)
     print(f"expert {args.name} added to {args.params}: {json.dumps(entry)}")
+    params = load_params(args.params)
+    if args.name not in params.shared_experts:
+        print(f"incremental mode: the shared expert stays as it is ({', '.join(params.shared_experts)}); "
+              f"`twinmerge expert remerge` merges every expert")
     if args.no_event:
         return
     if emit_added(args.name, entry):

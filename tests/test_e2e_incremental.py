@@ -64,7 +64,7 @@ def project(tmp_path_factory):
               "hub_sources": {},
               "experts": {n: {"path": f"models/{n}", "task": n, "data": f"data/tasks/t{i}"}
                           for i, n in enumerate(["alpha", "beta"])},
-              "merge": {"method": "task_arithmetic", "options": {"scaling": 0.4}},
+              "merge": {"method": "task_arithmetic", "options": {"scaling": 0.4}, "incremental": True},
               "compress": {"rank": {"mode": "fraction", "value": 0.25}, "dtype": "float32"},
               "router": {"epochs": 30, "patience": 10, "batch_size": 16, "max_length": 16, "dropout": 0.1},
               "evaluate": {"batch_size": 16, "max_length": 16, "regression_threshold": 2.0},
@@ -82,38 +82,57 @@ def project(tmp_path_factory):
     return root
 
 
+def _shared_and_factor_bytes(project: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in [project / "artifacts/shared/model.safetensors",
+                                             *sorted((project / "artifacts/exclusive").glob("*.safetensors"))]}
+
+
 @pytest.mark.e2e
 def test_new_expert_runs_only_its_stages_and_the_whole_set_ones(project, harness, monkeypatch):
     from flows.watch import check_and_run
     from tasks import registry
     from tasks.history import read_history
+    from tasks.params import load_params
 
     monkeypatch.chdir(project)
     first = check_and_run(project=str(project))
     assert first["ran"] and {"download@alpha", "compress@beta", "evaluate", "report"} <= set(first["pipeline"]["ran"])
     assert {"fetch", "prepare"} <= set(first["pipeline"]["cached"])
     assert len(read_history(project / "history/evaluations.jsonl")) == 1
+    before = _shared_and_factor_bytes(project)
 
+    # incremental mode (merge.incremental): the shared expert stays frozen, only the new expert is compressed
     registry.add_expert("gamma", "gamma", "data/extra/t2", path="models/gamma")
+    assert load_params("params.yaml").shared_experts == ["alpha", "beta"]
     second = check_and_run(project=str(project))
     assert second["changes"] == {"gamma": "new"}
     ran, cached = set(second["pipeline"]["ran"]), set(second["pipeline"]["cached"])
     assert {"download@gamma", "compress@gamma"} <= ran  # the new expert: downloaded and compressed
-    assert {"modularize", "router", "evaluate", "report", "bundle"} <= ran  # what depends on the whole set
+    assert {"router", "evaluate", "report", "bundle"} <= ran  # what depends on the whole set: the router is refit
     assert {"download_base", "download@alpha", "download@beta", "fetch", "prepare"} <= cached  # not recomputed
-    assert {"compress@alpha", "compress@beta"} <= ran  # v_t = theta_t - theta_s: the shared expert changed
-    assert (project / "artifacts/exclusive/gamma.safetensors").is_file()
+    assert {"compress@alpha", "compress@beta"} <= cached  # against the same shared expert
+    after = _shared_and_factor_bytes(project)
+    assert {k: after[k] for k in before} == before and "gamma.safetensors" in after
+    incremental = json.loads((project / "artifacts/eval/metrics.json").read_text())
+    assert incremental["tasks"] == ["alpha", "beta", "gamma"]
+    report = (project / "artifacts/report/report.md").read_text()
+    assert "## Change against the previous evaluation" in report and "Experts added: gamma" in report
+
+    # full re-merge on request: every expert is compressed again against the new shared expert
+    assert registry.remerge("params.yaml") == ["gamma"]
+    second = check_and_run(project=str(project))
+    ran = set(second["pipeline"]["ran"])
+    assert {"modularize", "compress@alpha", "compress@beta", "compress@gamma", "router", "evaluate"} <= ran
+    assert _shared_and_factor_bytes(project)["model.safetensors"] != before["model.safetensors"]
     assert json.loads((project / "artifacts/checkpoints/gamma/manifest.json").read_text())["files"]
     metrics = json.loads((project / "artifacts/eval/metrics.json").read_text())
     assert metrics["tasks"] == ["alpha", "beta", "gamma"]
     records = read_history(project / "history/evaluations.jsonl")
-    assert len(records) == 2 and set(records[1]["experts"]) == {"alpha", "beta", "gamma"}
-    report = (project / "artifacts/report/report.md").read_text()
-    assert "## Change against the previous evaluation" in report and "Experts added: gamma" in report
+    assert len(records) == 3 and set(records[1]["experts"]) == {"alpha", "beta", "gamma"}
 
     third = check_and_run(project=str(project))  # the next cron tick: nothing to do
     assert third == {"ran": False, "changes": {}, "stale": [], "forced": []}
-    assert len(read_history(project / "history/evaluations.jsonl")) == 2
+    assert len(read_history(project / "history/evaluations.jsonl")) == 3
     status = _run([sys.executable, "-m", "dvc", "status", "--json"], project)
     assert json.loads(status or "{}") == {}
 

@@ -3,6 +3,7 @@ import json
 import re
 import shutil
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
@@ -266,3 +267,49 @@ def test_concurrent_adds_of_one_name_keep_the_first(project, monkeypatch):
     errors = [f.exception() for f in futures if f.exception() is not None]
     assert len(errors) == 1 and "'same' is already registered" in str(errors[0])
     assert load_params("params.yaml").experts["same"].task in ("task0", "task1")
+
+
+def _add(name, experts, labels):
+    _tables(Path("tables") / name, labels)
+    assert cli(["expert", "add", name, "--path", str(experts[name]), "--task", name, "--data", f"tables/{name}",
+                "--no-event"]) == 0
+
+
+def test_incremental_add_keeps_the_shared_expert_frozen_until_remerge(project, capsys):
+    root, _, experts = project
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text + "merge:\n  incremental: true   # frozen shared expert\n")
+    _add("task1", experts, 3)
+    params = load_params("params.yaml")
+    assert params.merge.experts == ["task0"] and params.shared_experts == ["task0"]
+    assert "incremental mode: the shared expert stays as it is (task0)" in capsys.readouterr().out
+    _add("task2", experts, 4)  # the pinned list stays pinned: task1 and task2 both outside
+    assert load_params("params.yaml").shared_experts == ["task0"]
+    assert "# frozen shared expert" in (root / "params.yaml").read_text()
+    assert cli(["expert", "remerge"]) == 0
+    assert "adds task1, task2 to the shared expert" in capsys.readouterr().out
+    params = load_params("params.yaml")
+    assert params.merge.experts is None and params.shared_experts == ["task0", "task1", "task2"]
+    assert cli(["expert", "remerge"]) == 0
+    assert "all were merged already" in capsys.readouterr().out
+
+
+def test_remerge_after_re_merges_on_the_nth_outside_expert(project):
+    root, _, experts = project
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text + "merge: {incremental: true, remerge_after: 2}\n")
+    _add("task1", experts, 3)
+    assert load_params("params.yaml").shared_experts == ["task0"]  # 1 outside: frozen
+    _add("task2", experts, 4)
+    assert load_params("params.yaml").merge.experts is None  # 2 outside: full re-merge
+
+
+def test_merge_experts_must_be_registered(project, capsys):
+    root, _, _ = project
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text + "merge: {experts: [task0, gone]}\n")
+    with pytest.raises(ParamsError, match=r"^params.yaml: merge.experts: gone not registered under experts"):
+        load_params("params.yaml")
+    (root / "params.yaml").write_text(text + "merge: {experts: []}\n")
+    with pytest.raises(ParamsError, match=r"^params.yaml: merge.experts: list each expert once"):
+        load_params("params.yaml")
