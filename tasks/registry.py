@@ -193,9 +193,7 @@ def write_params_entry(params_path: str | Path, name: str, expert: dict, hub: di
         if name not in doc["experts"]:
             _keep_shared_frozen(doc)
         doc["experts"][name] = _flow_map(expert)
-        buf = io.StringIO()
-        y.dump(doc, buf)
-        _replace_validated(path, buf.getvalue())
+        _replace_validated(path, _dump(y, doc))
 
 
 def _keep_shared_frozen(doc) -> None:
@@ -234,10 +232,15 @@ def remerge(params_path: str | Path = "params.yaml") -> list[str]:
         doc = y.load(path.read_text())
         if (doc.get("merge") or {}).get("experts") is not None:
             doc["merge"]["experts"] = None
-            buf = io.StringIO()
-            y.dump(doc, buf)
-            _replace_validated(path, buf.getvalue())
+            _replace_validated(path, _dump(y, doc))
     return outside
+
+
+def _dump(y, doc) -> str:
+    """The round-trip YAML text of `doc` (ruamel writer `y`)."""
+    buf = io.StringIO()
+    y.dump(doc, buf)
+    return buf.getvalue()
 
 
 def _replace_validated(path: Path, text: str) -> None:
