@@ -2,14 +2,16 @@
 
 Writes `artifacts/exclusive/<expert>.safetensors` (format in docs/DESIGN.md) and
 `artifacts/exclusive/<expert>.stats.json` (per-tensor rank, energy kept, bytes; totals vs dense).
+Streamed: the shared model is read one tensor at a time (`SharedModel`) and each factor is written as it is
+computed (`write_factors`), so memory is about 3x the largest tensor, never a model.
 """
 from pathlib import Path
 
-from tasks.modularize import load_shared
 from tasks.params import Params, load_params, stage_item
 from twinmerge.errors import FactorError
-from twinmerge.exclusive import RankSpec, compress_expert, factor_metadata, save_factors
+from twinmerge.exclusive import FactorStream, RankSpec, factor_metadata, write_factors
 from twinmerge.io import ExpertSet, write_json_atomic
+from twinmerge.shared import SharedModel
 
 
 def compress(params: Params, expert: str, shared_dir: str | Path = "artifacts/shared",
@@ -19,13 +21,12 @@ def compress(params: Params, expert: str, shared_dir: str | Path = "artifacts/sh
         raise FactorError(f"params.yaml: experts: no expert named {expert!r} (have {sorted(params.experts)})")
     pool = ExpertSet(base_dir, {expert: Path(checkpoints_dir) / expert})  # the shared model carries the others
     rank_spec = RankSpec(params.compress.rank.mode, params.compress.rank.value)
-    tensors, stats = compress_expert(pool, load_shared(shared_dir), expert, rank_spec, params.compress.dtype,
-                                     progress=progress)
+    stream = FactorStream(pool, SharedModel(shared_dir), expert, rank_spec, params.compress.dtype, progress)
     out_dir = Path(out_dir)
     metadata = factor_metadata(expert, pool.experts[expert].config, rank_spec, params.compress.dtype)
-    save_factors(out_dir / f"{expert}.safetensors", tensors, metadata)
-    write_json_atomic(stats, out_dir / f"{expert}.stats.json")
-    return stats["totals"]
+    write_factors(out_dir / f"{expert}.safetensors", stream, metadata)
+    write_json_atomic(stream.stats, out_dir / f"{expert}.stats.json")
+    return stream.stats["totals"]
 
 
 def add_arguments(parser) -> None:

@@ -1,13 +1,13 @@
 """Step `modularize`: the shared expert theta_s = theta_0 + merge(tau_1..tau_n) -> `artifacts/shared/`
-(an ordinary Hugging Face backbone folder, see `twinmerge.shared`)."""
+(an ordinary Hugging Face backbone folder, see `twinmerge.shared`), merged and written as a stream
+(`write_shared_expert`: memory does not grow with the number of experts or the model's size)."""
 from pathlib import Path
 
 from tasks.params import Params, load_params
 from twinmerge.io import ExpertSet
-from twinmerge.merge import build_shared_expert
-from twinmerge.shared import load_shared, save_shared
+from twinmerge.shared import write_shared_expert
 
-__all__ = ["open_pool", "modularize", "load_shared"]
+__all__ = ["open_pool", "modularize"]
 
 
 def open_pool(params: Params, base_dir: str | Path = "artifacts/base",
@@ -21,9 +21,8 @@ def modularize(params: Params, out_dir: str | Path = "artifacts/shared", **pool_
     """Merge `params.shared_experts` (merge.experts, default all): an expert left out (incremental mode) does
     not change a byte of the shared expert."""
     pool = open_pool(params, names=params.shared_experts, **pool_dirs)
-    state, report = build_shared_expert(pool, params.merge.method, params.merge.options,
-                                        params.merge.include, params.merge.exclude)
-    return save_shared(state, pool, out_dir, report)
+    return write_shared_expert(pool, params.merge.method, params.merge.options, params.merge.include,
+                               params.merge.exclude, out_dir, params.merge.max_shard_bytes)
 
 
 def add_arguments(parser) -> None:

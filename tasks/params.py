@@ -201,6 +201,7 @@ class MergeParams(_Strict):
     runs (its exclusive knowledge is taken against the frozen shared expert); the router is refit on all of
     them. A full re-merge (`experts: null`) happens on `twinmerge expert remerge`, or on the add that would
     leave `remerge_after` experts outside the shared expert (null: only when asked).
+    A shared expert larger than `max_shard_bytes` is written in shards with an index (as transformers saves).
     """
 
     method: Name = "task_arithmetic"
@@ -210,6 +211,7 @@ class MergeParams(_Strict):
     experts: list[Name] | None = None
     incremental: bool = False
     remerge_after: int | None = Field(None, ge=1)
+    max_shard_bytes: int = Field(5 * 10**9, ge=1)
 
     @field_validator("experts")
     @classmethod

@@ -181,7 +181,8 @@ def write_params_entry(params_path: str | Path, name: str, expert: dict, hub: di
     y = _yaml()
     with params_lock(path):
         read_yaml(path)  # a duplicate key: the one-line ParamsError of load_params, not ruamel's traceback
-        doc = y.load(path.read_text())
+        original = path.read_text()
+        doc = y.load(original)
         if not replace and name in (doc.get("experts") or {}):
             raise ParamsError(f"{path}: experts: '{name}' is already registered (use --replace)")
         if hub is not None:
@@ -193,7 +194,7 @@ def write_params_entry(params_path: str | Path, name: str, expert: dict, hub: di
         if name not in doc["experts"]:
             _keep_shared_frozen(doc)
         doc["experts"][name] = _flow_map(expert)
-        _replace_validated(path, _dump(y, doc))
+        _replace_validated(path, _dump(y, doc, original, ("hub_sources", "experts", "merge")))
 
 
 def _keep_shared_frozen(doc) -> None:
@@ -229,18 +230,35 @@ def remerge(params_path: str | Path = "params.yaml") -> list[str]:
     with params_lock(path):
         params = load_params(path)
         outside = [n for n in params.experts if n not in params.shared_experts]
-        doc = y.load(path.read_text())
+        original = path.read_text()
+        doc = y.load(original)
         if (doc.get("merge") or {}).get("experts") is not None:
             doc["merge"]["experts"] = None
-            _replace_validated(path, _dump(y, doc))
+            _replace_validated(path, _dump(y, doc, original, ("merge",)))
     return outside
 
 
-def _dump(y, doc) -> str:
-    """The round-trip YAML text of `doc` (ruamel writer `y`)."""
+def _dump(y, doc, original: str, sections: tuple[str, ...]) -> str:
+    """The YAML text of `doc` (ruamel writer `y`), edited only in its top-level `sections`: every other section,
+    and the lines before the first key, keep their `original` text (ruamel's round trip keeps comments and
+    order, but joins a flow mapping written over several lines into one line)."""
     buf = io.StringIO()
     y.dump(doc, buf)
-    return buf.getvalue()
+    new, old = _top_level_blocks(buf.getvalue()), _top_level_blocks(original)
+    return "".join(old[key] if key in old and key not in sections else text for key, text in new.items())
+
+
+def _top_level_blocks(text: str) -> dict[str | None, str]:
+    """{top-level key: its text} in order (None: the lines before the first key); a block runs from its key's
+    line to the next top-level key, comments before that key included."""
+    blocks: dict[str | None, list[str]] = {None: []}
+    key = None
+    for line in text.splitlines(keepends=True):
+        if line[:1] not in ("", " ", "\t", "#", "\n", "-") and ":" in line:
+            key = line.split(":", 1)[0].strip().strip("'\"")
+            blocks[key] = []
+        blocks[key].append(line)
+    return {k: "".join(v) for k, v in blocks.items()}
 
 
 def _replace_validated(path: Path, text: str) -> None:

@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoTokenizer
 from tasks.params import Params, load_params
 from tasks.taskdata import load_registry_split
 from twinmerge.errors import TwinMergeError
-from twinmerge.io import SAFETENSORS, sha256_file, write_json_atomic
+from twinmerge.io import weights_sha256, write_json_atomic
 from twinmerge.exclusive import one_thread
 from twinmerge.router import RouterConfig, extract_features, save_router, train_router
 
@@ -44,7 +44,7 @@ def fit_router(params: Params, shared_dir: str | Path = "artifacts/shared", out_
                                     max_length=r.max_length, progress=progress)
         config = router_config(params, features.shape[1])
         router, report = train_router(features, labels, config, progress=progress)
-    save_router(router, config, out_dir, tokenizer, sha256_file(Path(shared_dir) / SAFETENSORS))
+    save_router(router, config, out_dir, tokenizer, weights_sha256(shared_dir))
     summary = {"experts": names, "holdout_accuracy": report.holdout_accuracy,
                "per_task": dict(zip(names, report.per_class_accuracy)), "confusion": report.confusion,
                "epochs_run": report.epochs_run, "best_epoch": report.best_epoch, "n_fit": report.n_fit,

@@ -1,7 +1,8 @@
 """End to end on real data (smoke profile): the Prefect flow builds a scratch copy of the repository from
-nothing (stages side by side, as a user's `twinmerge run`), then `dvc repro` over the same project recomputes
-nothing and `dvc status` is clean; metrics for every method and task, and the bundle's `predict` routing
-hand-written inputs.
+nothing on a local Dask cluster of two worker processes (`twinmerge run --dask-workers 2`: stages side by side,
+each on a worker), then `dvc repro` over the same project recomputes nothing and `dvc status` is clean (the Dask
+path's dvc.lock is what DVC itself computes); metrics for every method and task, the bundle's `predict` routing
+hand-written inputs, and a second checkout that pulls everything from a DVC remote and runs nothing.
 
 Needs the package registries (PyPI, Debian) unless this checkout already fetched `data/raw`.
 """
@@ -53,7 +54,7 @@ def project(tmp_path_factory) -> Path:
                 ["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qm", "smoke"]):
         subprocess.run(cmd, cwd=root, check=True, capture_output=True)
     _run([sys.executable, "-m", "dvc", "config", "--local", "core.analytics", "false"], root)
-    out = _run(["twinmerge", "run", "--project", "."], root, timeout=2400)
+    out = _run(["twinmerge", "run", "--project", ".", "--dask-workers", "2"], root, timeout=2400)
     (root / "flow_result.json").write_text(out.strip().splitlines()[-1])
     return root
 
@@ -119,3 +120,38 @@ def test_bundle_predict_routes_hand_written_inputs(project):
     routed = [row["task"] for row in rows]
     correct = sum(r == t for r, t in zip(routed, HAND_WRITTEN))
     assert correct >= 4, f"hand-written inputs routed to {routed}"  # smoke router: tiny validation splits
+
+
+@pytest.mark.e2e
+def test_second_checkout_pulls_everything_and_runs_nothing(project, tmp_path):
+    """`twinmerge run --push` on the built project (nothing runs; the final push sends every output) to a local
+    folder remote. A second checkout (a git clone, plus what a commit after the run would add: dvc.lock, the
+    git-tracked metrics and history, the .gitignore files DVC wrote) with its own DVC cache pulls everything:
+    `dvc status` is clean, `twinmerge run` runs no stage, and the pulled bundle predicts. Disk: the remote and
+    the clone's cache each hold a copy of the project's cache (about 2.3 GB for the smoke profile)."""
+    dvc = [sys.executable, "-m", "dvc"]
+    remote = tmp_path / "remote"
+    _run([*dvc, "remote", "add", "-d", "--local", "store", str(remote)], project)
+    pushed = json.loads(_run(["twinmerge", "run", "--project", ".", "--push"], project, timeout=1200).splitlines()[-1])
+    assert pushed["ran"] == [] and pushed["pushed"] == "store" and any(remote.rglob("*"))
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True, capture_output=True)
+    committed_after_run = subprocess.run(["git", "ls-files", "-z", "--modified", "--others", "--exclude-standard"],
+                                         cwd=project, capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, committed_after_run):
+        if not (project / rel).exists():  # deleted since the first commit: a commit deletes it too
+            (clone / rel).unlink(missing_ok=True)
+            continue
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(project / rel, clone / rel)
+    assert (clone / "dvc.lock").is_file() and not (clone / "artifacts" / "twin").exists()
+    _run([*dvc, "config", "--local", "core.analytics", "false"], clone)
+    _run([*dvc, "config", "--local", "cache.type", "hardlink"], clone)  # the workspace costs no second copy (GBs)
+    _run([*dvc, "remote", "add", "-d", "--local", "store", str(remote)], clone)
+    _run([*dvc, "pull"], clone, timeout=1200)
+    assert json.loads(_run([*dvc, "status", "--json"], clone)) == {}
+    result = json.loads(_run(["twinmerge", "run", "--project", "."], clone).splitlines()[-1])
+    assert result["ran"] == [] and sorted(result["cached"]) == sorted(pushed["cached"])
+    row = json.loads(_run(["twinmerge", "predict", "--json", HAND_WRITTEN["langid"]], clone, timeout=300))
+    assert row["task"] in HAND_WRITTEN and abs(sum(row["weights"].values()) - 1) < 1e-3

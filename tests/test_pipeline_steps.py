@@ -150,6 +150,30 @@ def test_shared_expert_loads_with_transformers(ran, project):
     assert model.config.hidden_size == 32
 
 
+def test_sharded_shared_expert_gives_the_same_factors_and_router_check(ran, project, tmp_path):
+    """merge.max_shard_bytes reaches `modularize`: a shared expert written in shards, against which `compress`
+    writes the same factor file bytes, and whose one digest (`weights_sha256`) the router check uses."""
+    from twinmerge.io import SAFETENSORS_INDEX, weights_sha256
+    from twinmerge.router import load_router
+
+    params = load_params(project / "params.yaml")
+    params.merge.max_shard_bytes = 20000
+    dirs = {"base_dir": project / "artifacts/base", "checkpoints_dir": project / "artifacts/checkpoints"}
+    sharded = modularize.modularize(params, tmp_path / "shared", **dirs)
+    assert (sharded / SAFETENSORS_INDEX).is_file() and len(list(sharded.glob("model-*.safetensors"))) > 3
+    name = next(iter(params.experts))
+    compress_step.compress(params, name, sharded, tmp_path / "exclusive", progress=False, **dirs)
+    for suffix in (".safetensors", ".stats.json"):
+        produced = (tmp_path / "exclusive" / f"{name}{suffix}").read_bytes()
+        assert produced == (project / "artifacts/exclusive" / f"{name}{suffix}").read_bytes()
+    saved = load_router(project / "artifacts/router")
+    saved.check_feature_model(project / "artifacts/shared")
+    saved.feature_model_sha256 = weights_sha256(sharded)
+    saved.check_feature_model(sharded / "model.safetensors")  # the routed methods' call: the absent file's folder
+    with pytest.raises(CheckpointError, match="trained on features of a model with sha256"):
+        saved.check_feature_model(project / "artifacts/shared")
+
+
 def test_rows_have_distinct_labels(ran):
     """Two entries of one method (ties, ties_per_tensor) get their row names in their labels; every label in the
     table is distinct."""

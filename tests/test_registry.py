@@ -25,6 +25,8 @@ experts:
 evaluate:
   regression_threshold: 2.0
   batch_size: 8   # trailing comment
+router: {{epochs: 5,
+         patience: 3}}   # a flow mapping over two lines
 """
 
 
@@ -51,8 +53,10 @@ def test_add_local_expert_keeps_comments_and_lists_new(project, capsys):
     assert cli(["expert", "add", "task1", "--path", str(experts["task1"]), "--task", "task1",
                 "--data", "tables/task1", "--no-event"]) == 0
     text = (root / "params.yaml").read_text()
-    assert "# the registry (comment kept)" in text and "# trailing comment" in text and "# tiny base" in text
-    assert f"task1: {{path: {experts['task1']}, task: task1, data: tables/task1, metric: accuracy}}" in text
+    before = PARAMS.format(base=base, e0=experts["task0"])
+    added = f"  task1: {{path: {experts['task1']}, task: task1, data: tables/task1, metric: accuracy}}\n"
+    at = before.index("evaluate:")
+    assert text == before[:at] + added + before[at:]  # one line added; every other byte kept (comments, layout)
     assert list(load_params("params.yaml").experts) == ["task0", "task1"]
     capsys.readouterr()
     assert cli(["expert", "list"]) == 0
@@ -286,8 +290,10 @@ def test_incremental_add_keeps_the_shared_expert_frozen_until_remerge(project, c
     _add("task2", experts, 4)  # the pinned list stays pinned: task1 and task2 both outside
     assert load_params("params.yaml").shared_experts == ["task0"]
     assert "# frozen shared expert" in (root / "params.yaml").read_text()
+    pinned = (root / "params.yaml").read_text()
     assert cli(["expert", "remerge"]) == 0
     assert "adds task1, task2 to the shared expert" in capsys.readouterr().out
+    assert (root / "params.yaml").read_text() == pinned.replace("experts: [task0]", "experts: null")
     params = load_params("params.yaml")
     assert params.merge.experts is None and params.shared_experts == ["task0", "task1", "task2"]
     assert cli(["expert", "remerge"]) == 0

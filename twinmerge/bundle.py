@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 from twinmerge.routed import RoutedDeltaModel
 from twinmerge.errors import CheckpointError, InputError
 from twinmerge.exclusive import load_factors
-from twinmerge.io import SAFETENSORS, atomic_dir
+from twinmerge.io import atomic_dir
 from twinmerge.modelpool import assemble_classifier, config_from_dict, map_batches
 from twinmerge.router import SavedRouter, load_router, route
 from twinmerge.shared import load_shared
@@ -34,7 +34,10 @@ BUNDLE_FORMAT = "twinmerge-bundle/2"
 
 def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict[str, Path], router_dir: str | Path,
                  tasks: dict[str, str], max_length: int, temperature: float = 1.0, top_k: int | None = None) -> Path:
-    """Copy the pipeline's outputs into one bundle folder, atomically (temp folder, then rename)."""
+    """Copy the pipeline's outputs into one bundle folder, atomically (temp folder, then rename).
+
+    Files are copied by the OS (`shutil.copy2`, in chunks), never loaded: memory does not depend on the model's
+    size; a factor file is checked and its labels read from its header alone."""
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(shared_dir, tmp / "shared")
         shutil.copytree(router_dir, tmp / "router")
@@ -42,7 +45,7 @@ def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict
         labels = {}
         for name, path in factor_files.items():
             shutil.copy2(path, tmp / "exclusive" / f"{name}.safetensors")
-            config = config_from_dict(load_factors(path).config)
+            config = config_from_dict(load_factors(path, data=False).config)
             labels[name] = [str(config.id2label[i]) for i in range(config.num_labels)]
         meta = {"format": BUNDLE_FORMAT, "experts": list(factor_files), "tasks": tasks, "labels": labels,
                 "max_length": max_length, "temperature": temperature, "top_k": top_k}
@@ -109,7 +112,7 @@ class TwinBundle:
         feature_model = assemble_classifier(factors[0].config, {**shared, **head})
         dynamic = RoutedDeltaModel(assemble_classifier(factors[0].config, {**shared, **head}), factors)
         router = load_router(folder / "router")
-        router.check_feature_model(folder / "shared" / SAFETENSORS)
+        router.check_feature_model(folder / "shared")
         tokenizer = AutoTokenizer.from_pretrained(folder / "shared")
         return cls(meta["experts"], meta["tasks"], meta["labels"], tokenizer, feature_model, router, dynamic,
                    meta["max_length"], meta["temperature"], meta["top_k"])

@@ -5,6 +5,9 @@ approximation in Frobenius norm (Eckart-Young): ||v_t - U_r S_r V_r^T||_F^2 = su
 Factors cost r * ((m + n) * itemsize + 4) bytes (U, V in the factor dtype, S in float32); a 2-D tensor is
 stored dense (in the factor dtype) when r * (m + n + 1) >= m * n, i.e. when factors would not be smaller.
 Non-2-D tensors (LayerNorm, biases) are stored dense in float32; heads are stored as values, float32.
+
+`FactorStream` produces a file's tensors one at a time (plan pass, then SVD pass) and `write_factors` writes
+them as they come, so compressing an expert holds one tensor, never a model; `compress_expert` collects them.
 """
 import json
 import math
@@ -19,7 +22,7 @@ from safetensors import safe_open
 from twinmerge.progress import progress_bar
 
 from .errors import FactorError
-from .io import ExpertSet, save_safetensors_atomic
+from .io import SAFETENSORS_DTYPES, ExpertSet, SafetensorsWriter, TensorSpec, save_safetensors_atomic
 
 FORMAT = "twinmerge-exclusive/1"
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -63,21 +66,30 @@ class RankSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> "RankSpec":
         return cls(d["mode"], d["value"])
 
+    @property
+    def needs_spectrum(self) -> bool:
+        """Whether ranks depend on singular values (energy, budgets) rather than on shapes alone."""
+        return self.mode not in ("rank", "fraction")
+
     def rank_for(self, s: torch.Tensor) -> int:
         """Rank for one matrix with singular values `s` (descending, length min(m, n)); not for budgets."""
-        k = s.numel()
-        if self.mode == "rank":
-            return min(int(self.value), k)
-        if self.mode == "fraction":
-            return max(1, min(k, math.floor(self.value * k + 1e-9)))
         if self.mode == "energy":
             e = s.to(torch.float64) ** 2
             total = float(e.sum())
             if total == 0.0:
                 return 0
             reached = torch.nonzero(torch.cumsum(e, 0) >= self.value * total * (1 - 1e-12))
-            return int(reached[0]) + 1 if reached.numel() else k
-        raise FactorError(f"rank spec {self.mode}: ranks come from allocate_budget, not rank_for")
+            return int(reached[0]) + 1 if reached.numel() else s.numel()
+        return self.rank_for_size(s.numel())
+
+    def rank_for_size(self, k: int) -> int:
+        """Rank for one matrix with min(m, n) = k, in the modes that need no singular values (rank, fraction)."""
+        if self.mode == "rank":
+            return min(int(self.value), k)
+        if self.mode == "fraction":
+            return max(1, min(k, math.floor(self.value * k + 1e-9)))
+        source = "allocate_budget" if self.is_budget else "rank_for"
+        raise FactorError(f"rank spec {self.mode}: ranks come from {source}, not rank_for_size")
 
 
 def bytes_per_rank(m: int, n: int, itemsize: int) -> int:
@@ -165,10 +177,10 @@ def factor_metadata(expert_name: str, config: Mapping, rank_spec: RankSpec, fact
 def compress_expert(experts: ExpertSet, shared: Mapping[str, torch.Tensor], expert_name: str,
                     rank_spec: RankSpec, factor_dtype: str = "float16",
                     progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Factor-file tensors and stats for expert `expert_name`, given theta_s as `shared` (canonical names).
+    """Factor-file tensors and stats for expert `expert_name`, given theta_s as `shared` (canonical names), in
+    memory: `FactorStream` collected into a dict (to write a file without holding it, see `write_factors`).
 
     v_t = theta_t - theta_s (float32) for every mergeable key; exactly-zero v_t are skipped (absent = 0).
-    Budget modes take two passes (singular values of every 2-D v_t, then factors); the others one.
     stats = {expert, factor_dtype, rank_spec, tensors: {name: {shape, kind, rank, energy_kept, bytes,
     dense_bytes, rel_error}}, totals}: kind is lowrank | dense | dropped (rank 0) | zero, `bytes` the bytes
     stored, `dense_bytes` the float32 size of v_t, rel_error = ||v_t - stored||_F / ||v_t||_F (measured on the
@@ -177,78 +189,157 @@ def compress_expert(experts: ExpertSet, shared: Mapping[str, torch.Tensor], expe
     dense_bytes_factor_dtype, dense_2d_bytes_factor_dtype, ratio = exclusive_bytes / dense_bytes_float32,
     rel_error_2d (over all 2-D tensors together).
     """
-    if expert_name not in experts.experts:
-        raise FactorError(f"unknown expert {expert_name!r}; known: {', '.join(experts.names)}")
-    if factor_dtype not in FACTOR_DTYPES:
-        raise FactorError(f"factor dtype {factor_dtype!r} not one of {', '.join(FACTOR_DTYPES)}")
-    fdt = FACTOR_DTYPES[factor_dtype]
-    itemsize = torch.empty((), dtype=fdt).element_size()
-    keys = experts.mergeable_keys()
+    stream = FactorStream(experts, shared, expert_name, rank_spec, factor_dtype, progress)
+    tensors = dict(stream)
+    return tensors, stream.stats
 
-    def delta(key: str) -> torch.Tensor:
-        if key not in shared:
+
+class FactorStream:
+    """The factor-file tensors of one expert (format and stats: `compress_expert`), produced one at a time.
+
+    Two passes over the mergeable tensors, each holding one tensor's v_t = theta_t - theta_s at a time (`shared`
+    may be a lazy `twinmerge.shared.SharedModel`):
+      1. plan, at construction: which v_t are zero, and each 2-D v_t's rank and storage (factors, dense in the
+         factor dtype, or dropped), from its shape (modes rank, fraction) or its singular values (energy; the
+         budget modes, which allocate over every matrix's spectrum: min(m, n) floats per matrix are kept).
+         `specs` [(name, shape, dtype)] then lists the file's tensors, as a streaming writer needs up front.
+      2. iteration: yields (file tensor name, tensor) in plan order, a matrix's thin SVD computed in its turn;
+         `stats` is set when the iteration ends.
+    Peak memory: about 3x the largest tensor (v_t, LAPACK's copy of it and U during its SVD), in every mode.
+    Energy ranks come from the singular values of pass 1 (`singular_values`, as the budget modes' spectra).
+    """
+
+    def __init__(self, experts: ExpertSet, shared: Mapping[str, torch.Tensor], expert_name: str,
+                 rank_spec: RankSpec, factor_dtype: str = "float16", progress: bool = True):
+        if expert_name not in experts.experts:
+            raise FactorError(f"unknown expert {expert_name!r}; known: {', '.join(experts.names)}")
+        if factor_dtype not in FACTOR_DTYPES:
+            raise FactorError(f"factor dtype {factor_dtype!r} not one of {', '.join(FACTOR_DTYPES)}")
+        self.experts, self.shared, self.name, self.rank_spec = experts, shared, expert_name, rank_spec
+        self.factor_dtype, self.fdt = factor_dtype, FACTOR_DTYPES[factor_dtype]
+        self.itemsize = self.fdt.itemsize
+        self.progress = progress
+        self.plan = self._plan()
+        self.specs = self._specs()
+        self.stats: dict[str, Any] | None = None
+
+    def _delta(self, key: str) -> torch.Tensor:
+        """v_t (float32) of `key`, subtracted in place: at most two tensors of its size in memory, not three."""
+        if key not in self.shared:
             raise FactorError(f"shared state dict has no tensor {key}")
-        return experts.expert_tensor(expert_name, key).to(torch.float32) - shared[key].to(torch.float32)
+        v = self.experts.expert_tensor(self.name, key).to(torch.float32, copy=True)
+        shared = self.shared[key]
+        if shared.shape != v.shape:
+            raise FactorError(f"shared tensor {key} has shape {list(shared.shape)}, expert {self.name!r} has "
+                              f"{list(v.shape)}")
+        return v.sub_(shared.to(torch.float32))
 
-    ranks: dict[str, int] | None = None
-    if rank_spec.is_budget:
-        spectra = {}
-        for key in progress_bar(keys, desc=f"spectra ({expert_name})", unit="tensor", disable=not progress):
-            v = delta(key)
-            if v.ndim == 2 and bool(v.any()):
+    def _plan(self) -> dict[str, tuple[str, int | None]]:
+        """{key: (kind, rank)} in key order: kind zero | dense | lowrank | dropped; rank None for non-2-D."""
+        keys = self.experts.mergeable_keys()
+        plan, spectra = {}, {}
+        for key in progress_bar(keys, desc=f"plan ({self.name})", unit="tensor", disable=not self.progress):
+            v = self._delta(key)
+            if not bool(v.any()):
+                plan[key] = ("zero", 0)
+            elif v.ndim != 2:
+                plan[key] = ("dense", None)
+            elif not self.rank_spec.needs_spectrum:
+                plan[key] = self._storage(*v.shape, self.rank_spec.rank_for_size(min(v.shape)))
+            elif self.rank_spec.is_budget:
                 spectra[key] = (singular_values(v), *v.shape)
-        budget = int(rank_spec.value) if rank_spec.mode == "budget_bytes" else math.floor(
-            rank_spec.value * sum(m * n * itemsize for _, m, n in spectra.values()))
-        ranks = allocate_budget(spectra, budget, itemsize)
+            else:
+                plan[key] = self._storage(*v.shape, self.rank_spec.rank_for(singular_values(v)))
+        if self.rank_spec.is_budget:
+            budget = int(self.rank_spec.value) if self.rank_spec.mode == "budget_bytes" else math.floor(
+                self.rank_spec.value * sum(m * n * self.itemsize for _, m, n in spectra.values()))
+            for key, r in allocate_budget(spectra, budget, self.itemsize).items():
+                plan[key] = self._storage(*spectra[key][1:], r)
+        return {key: plan[key] for key in keys}
 
-    tensors: dict[str, torch.Tensor] = {}
-    per: dict[str, dict[str, Any]] = {}
-    err2 = norm2 = 0.0
-    for key in progress_bar(keys, desc=f"compress ({expert_name})", unit="tensor", disable=not progress):
-        v = delta(key)
-        row = per[key] = {"shape": list(v.shape), "dense_bytes": v.numel() * 4}
-        if not bool(v.any()):
-            row.update(kind="zero", rank=0, energy_kept=1.0, bytes=0, rel_error=0.0)
-            continue
-        if v.ndim != 2:
-            tensors[f"dense.{key}"] = v
-            row.update(kind="dense", rank=None, energy_kept=1.0, bytes=v.numel() * 4, rel_error=0.0)
-            continue
-        m, n = v.shape
-        U, S, V = thin_svd(v)
-        r = ranks[key] if ranks is not None else rank_spec.rank_for(S)
-        energy = S.to(torch.float64) ** 2
+    @staticmethod
+    def _storage(m: int, n: int, r: int) -> tuple[str, int]:
+        """How a nonzero [m, n] v_t of rank budget r is stored: dense when factors would not be smaller."""
         if r * (m + n + 1) >= m * n:
-            stored = [v.to(fdt)]
-            tensors[f"dense.{key}"] = stored[0]
-            approx, kind, r, kept = stored[0].to(torch.float32), "dense", min(m, n), 1.0
-        elif r == 0:
-            stored, approx, kind, kept = [], torch.zeros_like(v), "dropped", 0.0
-        else:
-            stored = [U[:, :r].to(fdt).contiguous(), S[:r].contiguous(), V[:, :r].to(fdt).contiguous()]
-            for part, t in zip("USV", stored):
-                tensors[f"lowrank.{key}.{part}"] = t
-            approx = (stored[0].to(torch.float32) * stored[1]) @ stored[2].to(torch.float32).T
-            kind, kept = "lowrank", float(energy[:r].sum() / energy.sum())
-        e2, n2 = float(torch.linalg.norm(v - approx)) ** 2, float(torch.linalg.norm(v)) ** 2
-        err2, norm2 = err2 + e2, norm2 + n2
-        row.update(kind=kind, rank=r, energy_kept=kept, bytes=sum(t.numel() * t.element_size() for t in stored),
-                   rel_error=math.sqrt(e2 / n2))
-    for key in experts.head_keys():
-        tensors[f"head.{key}"] = experts.expert_tensor(expert_name, key).to(torch.float32)
-    live = [r for r in per.values() if r["kind"] != "zero"]
-    two_d = [r for r in live if len(r["shape"]) == 2]
-    stored_bytes = sum(r["bytes"] for r in live)
-    dense32 = sum(r["dense_bytes"] for r in live)
-    totals = {"tensors": len(live), "exclusive_bytes": stored_bytes,
-              "lowrank_bytes": sum(r["bytes"] for r in two_d),
-              "head_bytes": sum(t.numel() * 4 for k, t in tensors.items() if k.startswith("head.")),
-              "dense_bytes_float32": dense32, "dense_bytes_factor_dtype": dense32 // 4 * itemsize,
-              "dense_2d_bytes_factor_dtype": sum(r["dense_bytes"] for r in two_d) // 4 * itemsize,
-              "ratio": stored_bytes / dense32 if dense32 else 0.0,
-              "rel_error_2d": math.sqrt(err2 / norm2) if norm2 else 0.0}
-    return tensors, {"expert": expert_name, "factor_dtype": factor_dtype, "rank_spec": rank_spec.to_dict(),
-                     "tensors": per, "totals": totals}
+            return "dense", min(m, n)
+        return ("dropped", 0) if r == 0 else ("lowrank", r)
+
+    def _specs(self) -> list[TensorSpec]:
+        """The factor file's tensors, from the plan: dense, lowrank U/S/V, then the heads."""
+        out = []
+        ckpt = self.experts.experts[self.name]
+        for key, (kind, r) in self.plan.items():
+            shape = ckpt.shape(key)
+            if kind == "dense":
+                out.append((f"dense.{key}", shape, torch.float32 if r is None else self.fdt))
+            elif kind == "lowrank":
+                out += [(f"lowrank.{key}.U", (shape[0], r), self.fdt), (f"lowrank.{key}.S", (r,), torch.float32),
+                        (f"lowrank.{key}.V", (shape[1], r), self.fdt)]
+        return out + [(f"head.{key}", ckpt.shape(key), torch.float32) for key in self.experts.head_keys()]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        per: dict[str, dict[str, Any]] = {}
+        err2 = norm2 = 0.0
+        for key in progress_bar(self.plan, desc=f"compress ({self.name})", unit="tensor", disable=not self.progress):
+            kind, r = self.plan[key]
+            v = self._delta(key)
+            row = per[key] = {"shape": list(v.shape), "dense_bytes": v.numel() * 4}
+            if kind == "zero":
+                row.update(kind="zero", rank=0, energy_kept=1.0, bytes=0, rel_error=0.0)
+                continue
+            if r is None:
+                yield f"dense.{key}", v
+                row.update(kind="dense", rank=None, energy_kept=1.0, bytes=v.numel() * 4, rel_error=0.0)
+                continue
+            stored, kept = self._stored(v, kind, r)
+            names = {"dense": [f"dense.{key}"], "lowrank": [f"lowrank.{key}.{p}" for p in "USV"]}.get(kind, [])
+            yield from zip(names, stored)
+            e2, n2 = _squared_error(kind, stored, v), float(torch.linalg.norm(v)) ** 2
+            err2, norm2 = err2 + e2, norm2 + n2
+            row.update(kind=kind, rank=r, energy_kept=kept, bytes=sum(t.numel() * t.element_size() for t in stored),
+                       rel_error=math.sqrt(e2 / n2))
+        for key in self.experts.head_keys():
+            yield f"head.{key}", self.experts.expert_tensor(self.name, key).to(torch.float32)
+        self.stats = self._stats(per, err2, norm2)
+
+    def _stored(self, v: torch.Tensor, kind: str, r: int) -> tuple[list[torch.Tensor], float]:
+        """What is stored of a nonzero 2-D v_t ([v] dense, [U_r, S_r, V_r], or [] dropped) and the energy it
+        keeps; the SVD's full U is freed on return, before the caller measures the error."""
+        if kind == "dense":
+            return [v.to(self.fdt)], 1.0
+        if kind == "dropped":
+            return [], 0.0
+        U, S, V = thin_svd(v)
+        energy = S.to(torch.float64) ** 2
+        return ([U[:, :r].to(self.fdt).contiguous(), S[:r].contiguous(), V[:, :r].to(self.fdt).contiguous()],
+                float(energy[:r].sum() / energy.sum()))
+
+    def _stats(self, per: dict[str, dict[str, Any]], err2: float, norm2: float) -> dict[str, Any]:
+        live = [r for r in per.values() if r["kind"] != "zero"]
+        two_d = [r for r in live if len(r["shape"]) == 2]
+        stored_bytes = sum(r["bytes"] for r in live)
+        dense32 = sum(r["dense_bytes"] for r in live)
+        totals = {"tensors": len(live), "exclusive_bytes": stored_bytes,
+                  "lowrank_bytes": sum(r["bytes"] for r in two_d),
+                  "head_bytes": sum(math.prod(shape) * 4 for name, shape, _ in self.specs if name.startswith("head.")),
+                  "dense_bytes_float32": dense32, "dense_bytes_factor_dtype": dense32 // 4 * self.itemsize,
+                  "dense_2d_bytes_factor_dtype": sum(r["dense_bytes"] for r in two_d) // 4 * self.itemsize,
+                  "ratio": stored_bytes / dense32 if dense32 else 0.0,
+                  "rel_error_2d": math.sqrt(err2 / norm2) if norm2 else 0.0}
+        return {"expert": self.name, "factor_dtype": self.factor_dtype, "rank_spec": self.rank_spec.to_dict(),
+                "tensors": per, "totals": totals}
+
+
+def _squared_error(kind: str, stored: list[torch.Tensor], v: torch.Tensor) -> float:
+    """||v_t - what `stored` gives back||_F^2 for a 2-D v_t of this `kind` (the stored tensors dtype-rounded).
+    The low-rank product becomes the difference in place (approx - v_t = -(v_t - approx) exactly, same norm), so
+    one more matrix of v_t's size is in memory, not two."""
+    if kind == "lowrank":
+        U, S, V = stored
+        diff = ((U.to(torch.float32) * S) @ V.to(torch.float32).T).sub_(v)
+    else:
+        diff = v - stored[0].to(torch.float32) if kind == "dense" else v
+    return float(torch.linalg.norm(diff)) ** 2
 
 
 @dataclass
@@ -332,15 +423,35 @@ def save_factors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     return save_safetensors_atomic(tensors, path, metadata)
 
 
-def load_factors(path: str | Path) -> ExclusiveFactors:
-    """Read and validate a factor file (FactorError if missing, unreadable or malformed)."""
+def write_factors(path: str | Path, stream: FactorStream, metadata: Mapping[str, str]) -> Path:
+    """Write a factor file as `stream` produces it, one tensor in memory at a time (`SafetensorsWriter`:
+    atomic, the same bytes as `save_factors` of the collected tensors), after validating its planned tensors
+    as `load_factors` would."""
+    parse_factors({name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in stream.specs},
+                  metadata, str(path))
+    with SafetensorsWriter(path, stream.specs, metadata) as out:
+        for name, tensor in stream:
+            out.write(name, tensor)
+    return Path(path)
+
+
+def load_factors(path: str | Path, data: bool = True) -> ExclusiveFactors:
+    """Read and validate a factor file (FactorError if missing, unreadable or malformed). `data=False` reads
+    the header alone: tensors are meta tensors (shapes and dtypes, no values), for checks and metadata."""
     path = Path(path)
     if not path.is_file():
         raise FactorError(f"{path}: factor file not found")
     try:
         with safe_open(path, "pt") as f:
             metadata = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) if data else _meta_tensor(f.get_slice(k)) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corrupt files
         raise FactorError(f"{path}: cannot read safetensors file ({exc})") from None
     return parse_factors(tensors, metadata, str(path))
+
+
+def _meta_tensor(sl) -> torch.Tensor:
+    """A meta tensor with the shape and dtype of a safetensors slice (nothing read)."""
+    if sl.get_dtype() not in SAFETENSORS_DTYPES:
+        raise ValueError(f"unsupported dtype {sl.get_dtype()}")
+    return torch.empty(sl.get_shape(), dtype=SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")

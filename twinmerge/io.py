@@ -1,9 +1,15 @@
-"""Checkpoint folders in Hugging Face layout: lazy per-tensor reading, expert-set validation, atomic writes.
+"""Checkpoint folders in Hugging Face layout: lazy per-tensor reading, expert-set validation, atomic writes,
+streaming (and sharded) safetensors writers.
 
 A checkpoint folder holds `config.json` and either `model.safetensors` or a sharded
 `model.safetensors.index.json` (+ shards). Pickled `pytorch_model.bin` is only read with `allow_pickle=True`
 (and then with `torch.load(weights_only=True)`). Tensors are read one at a time through
 `safetensors.safe_open`, so peak memory is one tensor per open checkpoint, never a whole state dict.
+
+Writers: `save_safetensors_atomic` / `save_hf_model` write a state dict held in memory; `SafetensorsWriter` /
+`HFWeightsWriter` / `stream_hf_model` write tensors as they are produced (header planned from (name, shape,
+dtype) up front, each tensor or block of rows written at its offset), with the same bytes for one file, so a
+pipeline step's memory is one tensor, not a model.
 
 Canonical tensor names are the experts' names (see docs/DESIGN.md "Tensor names").
 """
@@ -11,6 +17,7 @@ import fnmatch
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -27,9 +34,12 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype) of a tensor still to be written
+
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # huggingface_hub's and mergekit's default shard size ("5GB")
 
 # Config fields that must agree between base and experts (num_labels / id2label may differ).
 ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -41,9 +51,10 @@ COMPUTE_FIELDS = ("hidden_act", "layer_norm_eps", "position_embedding_type")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# safetensors dtype codes -> torch dtypes (the ones read and written here).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def weight_files(folder: str | Path, allow_pickle: bool = False) -> list[Path]:
@@ -105,7 +116,7 @@ class Checkpoint:
                 with safe_open(path, "pt") as f:
                     for key in f.keys():
                         sl = f.get_slice(key)
-                        dtype = _DTYPES.get(sl.get_dtype())
+                        dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
                         if dtype is None:
                             raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {sl.get_dtype()}")
                         self._file[key] = path
@@ -127,13 +138,14 @@ class Checkpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self._meta[self._check(key)][1]
 
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (CPU) without loading the rest of the checkpoint."""
+    def get(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        """Read one tensor (CPU) without loading the rest of the checkpoint; with `rows`, only that slice of its
+        first dimension (a block of a large tensor, read from the file alone)."""
         self._check(key)
         if self._pickled is not None:
-            return self._pickled[key]
+            return self._pickled[key] if rows is None else self._pickled[key][rows]
         with safe_open(self._file[key], "pt") as f:
-            return f.get_tensor(key)
+            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
 
     @cached_property
     def base_model_prefix(self) -> str | None:
@@ -235,17 +247,18 @@ class ExpertSet:
         return [k for k in self._mergeable if any(fnmatch.fnmatchcase(k, p) for p in include)
                 and not any(fnmatch.fnmatchcase(k, p) for p in exclude)]
 
-    def base_tensor(self, key: str) -> torch.Tensor:
-        """theta_0 for canonical `key` (a mergeable key), in the base dtype."""
+    def base_tensor(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        """theta_0 for canonical `key` (a mergeable key), in the base dtype (only `rows` of it, see
+        `Checkpoint.get`)."""
         bkey = self.base_key(key)
         if bkey is None:
             raise CheckpointError(f"base ({self.base.folder}): no tensor for {key}")
-        return _finite(self.base.get(bkey), f"base ({self.base.folder})", bkey)
+        return _finite(self.base.get(bkey, rows), f"base ({self.base.folder})", bkey)
 
-    def expert_tensor(self, name: str, key: str) -> torch.Tensor:
-        """theta_t for expert `name` and canonical `key`."""
+    def expert_tensor(self, name: str, key: str, rows: slice | None = None) -> torch.Tensor:
+        """theta_t for expert `name` and canonical `key` (only `rows` of it, see `Checkpoint.get`)."""
         ckpt = self.experts[name]
-        return _finite(ckpt.get(key), f"expert {name!r} ({ckpt.folder})", key)
+        return _finite(ckpt.get(key, rows), f"expert {name!r} ({ckpt.folder})", key)
 
     def check_finite(self) -> None:
         """Read every mergeable and head tensor once; raise CheckpointError on the first NaN/Inf."""
@@ -451,6 +464,21 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(path: str | Path) -> str:
+    """Hex sha256 that identifies a model's weights. `path` is a weight file, or an HF folder: for a folder
+    with one `model.safetensors` (or that file's path), the file's sha256; for a sharded folder (or the path of
+    its absent `model.safetensors`), the sha256 of the lines "<shard name> <shard sha256>" in load order."""
+    path = Path(path)
+    if path.name == SAFETENSORS and not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        return sha256_file(path)
+    files = weight_files(path)
+    if files == [path / SAFETENSORS]:
+        return sha256_file(files[0])
+    return hashlib.sha256("".join(f"{f.name} {sha256_file(f)}\n" for f in files).encode()).hexdigest()
+
+
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path,
                             metadata: Mapping[str, str] | None = None) -> Path:
     """Write `tensors` (made contiguous, CPU, shared storage de-duplicated) to `path` atomically."""
@@ -509,10 +537,215 @@ def save_hf_model(state_dict: Mapping[str, torch.Tensor], config: Mapping, folde
     with atomic_dir(folder) as tmp:
         write_json_atomic(dict(config), tmp / "config.json")
         save_safetensors_atomic(state_dict, tmp / SAFETENSORS, {"format": "pt"})
-        if tokenizer_src is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_src) / name).is_file():
-                    shutil.copy2(Path(tokenizer_src) / name, tmp / name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        _add_files(tmp, tokenizer_src, extra_files)
     return Path(folder)
+
+
+def stream_hf_model(specs: Iterable[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]], config: Mapping,
+                    folder: str | Path, tokenizer_src: str | Path | None = None,
+                    extra_files: Mapping[str, str] | None = None,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """`save_hf_model` for tensors produced one by one: `tensors` yields (name, tensor or its next block of rows)
+    for the `specs` given up front, and each goes to disk as it comes (`HFWeightsWriter`, sharded above
+    `max_shard_bytes`), so memory holds one block, not the model. One shard: the same bytes as `save_hf_model`."""
+    with atomic_dir(folder) as tmp:
+        write_json_atomic(dict(config), tmp / "config.json")
+        with HFWeightsWriter(tmp, specs, max_shard_bytes) as out:
+            for name, block in tensors:
+                out.write(name, block)
+        _add_files(tmp, tokenizer_src, extra_files)
+    return Path(folder)
+
+
+def _add_files(folder: Path, tokenizer_src: str | Path | None, extra_files: Mapping[str, str] | None) -> None:
+    """Copy the tokenizer files found in `tokenizer_src` into `folder` and write `extra_files` {name: text}."""
+    if tokenizer_src is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_src) / name).is_file():
+                shutil.copy2(Path(tokenizer_src) / name, folder / name)
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+
+
+# --- streaming safetensors writers --------------------------------------------------------------------------
+
+# Order of dtypes in a safetensors file's data (safetensors sorts tensors by dtype, then by name): the writers
+# below lay tensors out the same way, so that their files have `save_file`'s bytes (tests/test_streaming.py).
+_LAYOUT_ORDER = {code: i for i, code in enumerate(
+    ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"))}
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None,
+                       where: str = "safetensors file") -> tuple[bytes, dict[str, int]]:
+    """The header of a safetensors file holding `specs` [(name, shape, dtype)] and each tensor's offset in it.
+
+    Header = 8-byte little-endian length N + N bytes of compact JSON, space-padded to a multiple of 8: the
+    `__metadata__` (keys sorted, as `save_safetensors_atomic` leaves them), then every tensor in layout order
+    (dtype as `_LAYOUT_ORDER`, then name) with its data offsets. Returns (header, {name: byte offset of its
+    data from the start of the file}). CheckpointError naming `where` for a duplicate name, an unsupported
+    dtype or non-string metadata.
+    """
+    specs = list(specs)
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{where}: safetensors metadata must map strings to strings")
+    if len({name for name, _, _ in specs}) != len(specs):
+        raise CheckpointError(f"{where}: duplicate tensor names")
+    for name, _, dtype in specs:
+        if dtype not in _DTYPE_CODES:
+            raise CheckpointError(f"{where}: tensor {name} has unsupported dtype {dtype}")
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    begins, end = {}, 0
+    for name, shape, dtype in sorted(specs, key=lambda s: (_LAYOUT_ORDER[_DTYPE_CODES[s[2]]], s[0])):
+        begins[name], end = end, end + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [begins[name], end]}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, {name: 8 + len(text) + b for name, b in begins.items()}
+
+
+class _CloseOrAbort:
+    """`with writer:` closes (temp renamed into place) on success and aborts (temps deleted) on an exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(_CloseOrAbort):
+    """One safetensors file written tensor by tensor as the tensors are produced, atomically.
+
+    The header is fixed up front from `specs` [(name, shape, dtype)], so every tensor has its final offset and
+    is written there as soon as it comes, whole or in blocks of its first dimension's rows (in row order;
+    tensors in any order), and nothing is kept in memory. The file is a temporary beside `path` (named and
+    swept as in `atomic_write`) until `close` finds every tensor complete and renames it into place; `abort`,
+    or an exception inside a `with` block, deletes it. Same bytes as `save_safetensors_atomic` for the same
+    tensors and metadata.
+    """
+
+    def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        specs = [(name, tuple(shape), dtype) for name, shape, dtype in specs]
+        header, self._offset = safetensors_header(specs, metadata, str(self.path))
+        self._spec = {name: (shape, dtype) for name, shape, dtype in specs}
+        self._rows_done = dict.fromkeys(self._spec, 0)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=_temp_prefix(self.path))
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        """Write tensor `name` whole, or the next block of its rows (first dimension), at its place in the file."""
+        if name not in self._spec:
+            raise CheckpointError(f"{self.path}: tensor {name} is not in the file's planned header")
+        shape, dtype = self._spec[name]
+        done = self._rows_done[name]
+        fits = (tuple(block.shape) == shape if not shape else block.ndim == len(shape)
+                and tuple(block.shape[1:]) == shape[1:] and done + block.shape[0] <= shape[0])
+        if block.dtype != dtype or not fits:
+            raise CheckpointError(f"{self.path}: tensor {name}: got {block.dtype} {list(block.shape)} after "
+                                  f"{done} rows, planned {dtype} {list(shape)}")
+        data = block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        with open(self._tmp, "r+b") as f:
+            f.seek(self._offset[name] + done * math.prod(shape[1:]) * dtype.itemsize)
+            f.write(data)
+        self._rows_done[name] = done + (block.shape[0] if shape else 1)
+
+    def missing(self) -> list[str]:
+        """Tensors not (completely) written yet."""
+        return [n for n, (shape, _) in self._spec.items() if self._rows_done[n] < (shape[0] if shape else 1)]
+
+    def close(self) -> Path:
+        """Rename the complete file into place (CheckpointError, and the temporary deleted, if a tensor is
+        missing)."""
+        try:
+            missing = self.missing()
+            if missing:
+                raise CheckpointError(f"{self.path}: {len(missing)} planned tensor(s) not written, first {missing[0]}")
+            _pause_before_rename(self.path, self._tmp)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Delete the temporary: nothing of this file is left."""
+        Path(self._tmp).unlink(missing_ok=True)
+
+
+def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split `specs` into shards as transformers/huggingface_hub (and mergekit) do: in the given order, a new
+    shard when the next tensor would take the current one past `max_shard_bytes`, a larger tensor alone."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise CheckpointError(f"max_shard_bytes {max_shard_bytes!r} must be an integer >= 1")
+    shards, current, size = [], [], 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * spec[2].itemsize
+        if nbytes > max_shard_bytes:
+            shards.append([spec])
+            continue
+        if size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += nbytes
+    return shards + [current] if current or not shards else shards
+
+
+class HFWeightsWriter(_CloseOrAbort):
+    """A model's weights in Hugging Face layout inside `folder`, streamed tensor by tensor.
+
+    One `model.safetensors`, or, when the tensors pass `max_shard_bytes` (`plan_shards`), shards
+    `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json` (transformers' layout; it loads with
+    `from_pretrained`). Every file has metadata {"format": "pt"} and is a `SafetensorsWriter`; `close` renames
+    them only when all are complete, then writes the index; `abort` deletes every temporary.
+    """
+
+    def __init__(self, folder: str | Path, specs: Iterable[TensorSpec],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        specs = [(name, tuple(shape), dtype) for name, shape, dtype in specs]
+        shards = plan_shards(specs, max_shard_bytes)
+        n = len(shards)
+        files = [SAFETENSORS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        self.folder = Path(folder)
+        self._writers: list[SafetensorsWriter] = []
+        try:
+            for file, shard in zip(files, shards):
+                self._writers.append(SafetensorsWriter(self.folder / file, shard, {"format": "pt"}))
+        except BaseException:
+            self.abort()
+            raise
+        self._writer = {name: w for w, shard in zip(self._writers, shards) for name, _, _ in shard}
+        self._index = None if n == 1 else {
+            "metadata": {"total_parameters": sum(math.prod(s) for _, s, _ in specs),
+                         "total_size": sum(math.prod(s) * d.itemsize for _, s, d in specs)},
+            "weight_map": {name: file for file, shard in zip(files, shards) for name, _, _ in shard}}
+
+    def write(self, name: str, block: torch.Tensor) -> None:
+        """Write tensor `name` whole, or its next block of rows, into its shard."""
+        if name not in self._writer:
+            raise CheckpointError(f"{self.folder}: tensor {name} is not in the planned weights")
+        self._writer[name].write(name, block)
+
+    def close(self) -> None:
+        """Rename every complete file into place and write the index (CheckpointError, and every temporary
+        deleted, if a tensor is missing)."""
+        missing = [name for w in self._writers for name in w.missing()]
+        if missing:
+            self.abort()
+            raise CheckpointError(f"{self.folder}: {len(missing)} planned tensor(s) not written, first {missing[0]}")
+        for w in self._writers:
+            w.close()
+        if self._index is not None:
+            index = json.dumps(self._index, indent=2, sort_keys=True) + "\n"
+            write_text_atomic(index, self.folder / SAFETENSORS_INDEX)
+
+    def abort(self) -> None:
+        """Delete every shard's temporary."""
+        for w in self._writers:
+            w.abort()

@@ -7,14 +7,27 @@ deltas lambda_t * M_t * tau_uni expanded when loaded; build one with `dense_delt
 head tensors and config.
 
 Every Linear / Embedding / LayerNorm with exclusive knowledge in some expert is replaced by a dynamic module
-that reads the routing weights w [B, n] of the current batch from a shared `_Routing` context:
+that reads the routing of the current batch from a shared `_Routing` context:
 - linear:    y = x W_s^T + b_s + sum_t w_t ((x V_t) * S_t) U_t^T + sum_t w_t db_t
 - embedding: e = E_s[ids] + sum_t w_t (U_t[ids] * S_t) V_t^T
 - LayerNorm: per-sample gamma = g_s + sum_t w_t dg_t, beta = b_s + sum_t w_t db_t
-The rank-r_t factors of all experts are zero-padded to R = max_t r_t and concatenated along rank, so a layer
-costs two matmuls over [.., n*R] (O(n R (d_in + d_out)) per token); with top-k routing each sample gathers
-only its k experts' blocks (O(k R (d_in + d_out))). Dense 2-D deltas are used exactly as factors of rank
-min(m, n) (U = D, V = I or U = I, V = D^T).
+The rank-r_t factors of all experts are zero-padded to R = max_t r_t; a linear's bias deltas ride in the same
+GEMM as one extra rank column (R' = R + 1, see `DynamicLinear`). Dense 2-D deltas are used exactly as factors of
+rank min(m, n) (U = D, V = I or U = I, V = D^T) when other experts store factors of the same tensor, and as
+plain matmuls when every expert stores it dense.
+
+Three ways to run a batch, chosen in `RoutedDeltaModel.forward` (k = most nonzero weights in a row):
+- batched (k = n, every expert): the factors of all experts are concatenated along rank, so a linear costs two
+  GEMMs over [.., n R'] columns: O(n R (d_in + d_out)) per token on top of the static O(d_in d_out).
+- grouped (k < n: top-k routing, or weights that are already sparse): each sample's k experts are sorted
+  (largest weight first) and the batch is sorted by them, so every top-k column splits into segments of
+  contiguous samples sharing one expert (`_Group`; column 0: one per expert, column 1: one per (first, second)
+  expert pair, ...). A linear runs the base GEMM once, then ONE GEMM pair x[seg] V_t, (. * w) (U_t S_t)^T per
+  segment, added in place into the segment's rows, as multi-LoRA servers do (punica's segmented SGMV,
+  S-LoRA): O(k R (d_in + d_out)) per token, no gather, no scatter, no work for unused experts.
+- cached top-1 (k = 1, weights 1, `ExpertCache` capacity > 0): a group whose expert is resident runs each
+  Linear as one plain GEMM with the materialised W_s + delta_t, i.e. at the static model's speed.
+The grouped and cached paths write into preallocated outputs (out=, in place; a copy while autograd records).
 
 Top-k routing (`top_k_weights`) keeps each sample's k largest weights and RENORMALISES them to sum to 1 (so a
 softmax row becomes the softmax over its k largest logits). `twinmerge.router.route` uses the same function.
@@ -24,7 +37,9 @@ that runs each sample through its own expert's head: argmax of w (the router's c
 (the paper's oracle protocol). Logits are returned padded to the largest label count with -inf, together
 with each sample's label count (`DynamicOutput`).
 """
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,20 +65,71 @@ def top_k_weights(weights, k):
     return torch.zeros_like(weights).scatter(1, idx, kept), idx, kept
 
 
+class _Group(NamedTuple):
+    """A segment of the expert-sorted batch: contiguous samples `rows` (a slice) using expert `expert` in one
+    top-k column. scale: their weights [b, 1, 1], None when all are 1 (top-1). base: a column-0 segment (they
+    tile the batch; a linear computes their base output x W^T + b per segment when some segment is cached, else
+    once for the batch); cached: Linear modules use the expert's materialised weights (no correction)."""
+
+    expert: int
+    rows: slice
+    scale: torch.Tensor | None
+    base: bool
+    cached: bool
+
+
+def _lexsort(idx):
+    """Order [B] sorting the rows of idx [B, k] lexicographically (stable sorts, last column first): then every
+    top-k column is piecewise constant, so each column splits into contiguous segments."""
+    order = torch.arange(idx.shape[0])
+    for j in reversed(range(idx.shape[1])):
+        order = order[idx[order, j].argsort(stable=True)]
+    return order
+
+
+def _groups(idx, kept, n, cached=frozenset()):
+    """The `_Group`s of a batch sorted by `_lexsort(idx)`: one per maximal run of equal idx[:, j] in column j
+    (punica's SGMV segments). idx, kept [B, k]: experts and weights; in columns j >= 1 a weight-0 entry has
+    expert n, which sorts last and forms no group. `cached`: experts whose column-0 segments run materialised."""
+    groups = []
+    for j in range(idx.shape[1]):
+        column = idx[:, j].tolist()
+        starts = [b for b in range(len(column)) if b == 0 or column[b] != column[b - 1]]
+        for start, stop in zip(starts, starts[1:] + [len(column)]):
+            t = column[start]
+            if t < n:
+                w = kept[start:stop, j]
+                scale = None if bool((w == 1).all()) else w[:, None, None]
+                groups.append(_Group(t, slice(start, stop), scale, j == 0, j == 0 and t in cached))
+    return groups
+
+
+def _tokens(rows, length):
+    """Rows of a [B * length, d] view holding samples `rows` (a slice)."""
+    return slice(rows.start * length, rows.stop * length)
+
+
+def _scaled(h, scale):
+    """h [b*L, k] with sample i's rows multiplied by scale[i] (scale [b, 1, 1]; None: h itself), in place."""
+    if scale is not None:
+        h.view(scale.shape[0], -1, h.shape[-1]).mul_(scale)
+    return h
+
+
 class _Routing:
     """The current batch's routing, shared by all dynamic modules (set inside RoutedDeltaModel.forward).
 
-    dense: [B, n] weights (zeros outside the top-k); idx, kept: [B, k] top-k experts and weights, or None for
-    all experts; head_ids: [B] expert whose head each sample uses.
+    dense: [B, n] weights (zeros for experts a sample does not use); groups: None (batched path, every expert)
+    or the batch's `_Group`s (grouped path; the batch is then sorted by its experts); head_ids: [B] expert whose
+    head each sample uses.
     """
 
     def __init__(self):
-        self.dense = self.idx = self.kept = self.head_ids = None
+        self.dense = self.groups = self.head_ids = None
 
     def rank_weights(self, rank):
-        """Per-sample weights repeated over each rank block: [B, n*R] (all experts) or [B, k*R] (top-k)."""
-        w = self.dense if self.idx is None else self.kept
-        return w.repeat_interleave(rank, dim=1)
+        """Per-sample weights repeated over each rank block: [B, n*rank]."""
+        return self.dense.repeat_interleave(rank, dim=1)
 
 
 def _stack_factors(factors, name, shape, dtype):
@@ -96,14 +162,6 @@ def _all_dense(factors, name):
     return any(name in f.dense for f in factors) and not any(name in f.lowrank for f in factors)
 
 
-def _dense_groups(routing):
-    """(column j, expert t, rows [B] bool) for every expert t that some sample keeps in its top-k column j."""
-    for j in range(routing.idx.shape[1]):
-        column = routing.idx[:, j]
-        for t in column.unique().tolist():
-            yield j, t, column == t
-
-
 def _stack_dense(factors, name, shape, dtype):
     """Experts' dense deltas of the 1-D tensor `name` stacked as [n, d] (zeros where absent), or None."""
     if not any(name in f.dense for f in factors):
@@ -116,63 +174,141 @@ def _per_sample(delta, routing):
     return routing.dense @ delta
 
 
-class DynamicLinear(nn.Module):
-    """nn.Linear with per-sample low-rank corrections. Input [B, ..., d_in] -> [B, ..., d_out].
+def _linear_factors(factors, name, shape, dtype, db):
+    """(U S [n, d_out, R'], V [n, d_in, R']) of a linear's weight `name` [d_out, d_in]: `_stack_factors`
+    zero-padded so that R' (with the bias column U S = db_t, V = 0 appended when bias deltas db [n, d_out] are
+    given) is a multiple of 8."""
+    us, vs = _stack_factors(factors, name, shape, dtype)
+    pad = -(us.shape[2] + (db is not None)) % 8
+    us, vs = F.pad(us, (0, pad)), F.pad(vs, (0, pad))
+    if db is None:
+        return us, vs
+    return torch.cat([us, db[:, :, None]], 2), torch.cat([vs, vs.new_zeros(*vs.shape[:2], 1)], 2)
 
-    Buffers: v_cat [d_in, n*R] (expert t's V_t in columns t*R..), us_cat [n*R, d_out] (rows (U_t S_t)^T),
-    db [n, d_out] bias deltas or None.
+
+def _linear_into(out2, x2, weight, bias):
+    """out2 (a contiguous [N, d_out] view) = x2 [N, d_in] @ weight^T + bias, written in place (by the GEMM
+    itself, or by a copy while autograd records, as out= does not support it)."""
+    if torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad):
+        out2.copy_(F.linear(x2, weight, bias))
+    elif bias is None:
+        torch.mm(x2, weight.T, out=out2)
+    else:
+        torch.addmm(bias, x2, weight.T, out=out2)
+
+
+class DynamicLinear(nn.Module):
+    """nn.Linear with per-sample corrections. Input [B, ..., d_in] -> [B, ..., d_out].
+
+    Low-rank buffers: v_cat [d_in, n*R'] (expert t's V_t in columns t*R'..), us_cat [n*R', d_out] (rows
+    (U_t S_t)^T). R' is R (+ 1 bias column) rounded up to a multiple of 8 with zero columns (an x V GEMM with
+    R' = 40 runs ~1.4x faster than with 39 on AVX2). When some expert has a bias delta, the last column of each
+    V block is zero, the last row of each U S block is db_t, and `_project` adds bias_ones [n*R'] (1 in those
+    columns) to h = x V, so the GEMM h @ us_cat also adds sum_t w_t db_t (no extra pass over the output).
+    Dense buffers (every expert's delta dense): dense [n, d_out, d_in], db [n, d_out] or None.
+    cached: {expert t: (W_s + delta_t, b_s + db_t)}, filled by `ExpertCache`.
     """
 
     def __init__(self, base, factors, name, routing):
         super().__init__()
         self.weight, self.bias, self.routing = base.weight, base.bias, routing
         dtype, (d_out, d_in) = base.weight.dtype, base.weight.shape
+        n, self.cached = len(factors), {}
+        db = _stack_dense(factors, f"{name}.bias", (d_out,), dtype)
         self.register_buffer("dense", None, persistent=False)
+        self.register_buffer("db", None, persistent=False)
+        self.bias_col = False
         if _all_dense(factors, f"{name}.weight"):  # [n, d_out, d_in]; no factors
-            self.dense = _stack_dense(factors, f"{name}.weight", (d_out, d_in), dtype)
-        us, vs = _stack_factors([] if self.dense is not None else factors, f"{name}.weight", (d_out, d_in), dtype)
-        self.n, self.rank = len(factors), us.shape[2]
+            self.dense, self.db = _stack_dense(factors, f"{name}.weight", (d_out, d_in), dtype), db
+            us, vs = torch.zeros(n, d_out, 0, dtype=dtype), torch.zeros(n, d_in, 0, dtype=dtype)
+        else:
+            self.bias_col = db is not None
+            us, vs = _linear_factors(factors, f"{name}.weight", (d_out, d_in), dtype, db)
+        self.rank = us.shape[2]
         self.register_buffer("v_cat", vs.permute(1, 0, 2).reshape(d_in, -1).contiguous(), persistent=False)
         self.register_buffer("us_cat", us.permute(0, 2, 1).reshape(-1, d_out).contiguous(), persistent=False)
-        self.register_buffer("db", _stack_dense(factors, f"{name}.bias", (d_out,), dtype), persistent=False)
+        ones = (torch.arange(n * self.rank) % self.rank == self.rank - 1).to(dtype)
+        self.register_buffer("bias_ones", ones if self.bias_col else None, persistent=False)
 
     def forward(self, x):
-        r, batch = self.routing, x.shape[0]
-        y = F.linear(x, self.weight, self.bias)
-        x3 = x.reshape(batch, -1, x.shape[-1])
-        if self.dense is not None:
-            corr = self._dense_correction(x3, r)
-        elif self.rank == 0:  # only bias deltas
-            corr = y.new_zeros(batch, x3.shape[1], y.shape[-1])
-        elif r.idx is None:
-            h = (x3 @ self.v_cat) * r.rank_weights(self.rank)[:, None]
-            corr = h @ self.us_cat
-        else:
-            k = r.idx.shape[1]
-            v_sel = self.v_cat.view(-1, self.n, self.rank)[:, r.idx].permute(1, 0, 2, 3).reshape(batch, -1, k * self.rank)
-            u_sel = self.us_cat.view(self.n, self.rank, -1)[r.idx].reshape(batch, k * self.rank, -1)
-            corr = torch.bmm(torch.bmm(x3, v_sel) * r.rank_weights(self.rank)[:, None], u_sel)
-        if self.db is not None:
-            corr = corr + _per_sample(self.db, r)[:, None]
-        return y + corr.reshape(y.shape)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        y3 = self._batched(x3) if self.routing.groups is None else self._grouped(x3)
+        return y3.reshape(*x.shape[:-1], y3.shape[-1])
 
-    def _dense_correction(self, x3, r):
-        """sum_t w_t x D_t^T [B, L, d_out]: all experts in one matmul against [n * d_out, d_in]; top-k as one
-        matmul per (column, expert) group of samples."""
+    def _block(self, t):
+        """Expert t's columns of v_cat / rows of us_cat."""
+        return slice(t * self.rank, (t + 1) * self.rank)
+
+    def _project(self, x2, cols):
+        """h = x2 [N, d_in] @ v_cat[:, cols] [N, k*R'], plus 1 in every block's bias column (in the GEMM)."""
+        if self.bias_col:
+            return torch.addmm(self.bias_ones[cols], x2, self.v_cat[:, cols])
+        return x2 @ self.v_cat[:, cols]
+
+    def _batched(self, x3):
+        """Every expert at once: y = x W_s^T + b_s + ((x V_cat) * w) US_cat, two GEMMs over n*R' columns."""
+        y = F.linear(x3, self.weight, self.bias)
+        if self.dense is not None:
+            return y + self._dense_batched(x3)
+        h = self._project(x3.reshape(-1, x3.shape[-1]), slice(None))
+        h.view(*x3.shape[:2], -1).mul_(self.routing.rank_weights(self.rank)[:, None])
+        y.view(-1, y.shape[-1]).addmm_(h, self.us_cat)
+        return y
+
+    def _dense_batched(self, x3):
+        """sum_t w_t (x D_t^T + db_t) [B, L, d_out]: all experts in one matmul against [n * d_out, d_in]."""
         n, d_out, d_in = self.dense.shape
-        if r.idx is None:
-            h = (x3 @ self.dense.reshape(n * d_out, d_in).T).view(*x3.shape[:2], n, d_out)
-            return (h * r.dense[:, None, :, None]).sum(2)
-        corr = x3.new_zeros(*x3.shape[:2], d_out)
-        for j, t, rows in _dense_groups(r):
-            corr[rows] += r.kept[rows, j, None, None] * (x3[rows] @ self.dense[t].T)
-        return corr
+        h = (x3 @ self.dense.reshape(n * d_out, d_in).T).view(*x3.shape[:2], n, d_out)
+        corr = (h * self.routing.dense[:, None, :, None]).sum(2)
+        return corr if self.db is None else corr + _per_sample(self.db, self.routing)[:, None]
+
+    def _grouped(self, x3):
+        """The base output (one GEMM for the batch, or per column-0 segment with the materialised weights of
+        cached experts), then every uncached segment's correction, on [B*L, d] views."""
+        groups, length, x2 = self.routing.groups, x3.shape[1], x3.reshape(-1, x3.shape[-1])
+        if any(g.cached for g in groups):
+            y2 = x2.new_empty(x2.shape[0], self.weight.shape[0])
+            for g in groups:
+                if g.base:
+                    tokens = _tokens(g.rows, length)
+                    _linear_into(y2[tokens], x2[tokens], *(self.cached[g.expert] if g.cached else
+                                                           (self.weight, self.bias)))
+        else:
+            y2 = F.linear(x2, self.weight, self.bias)
+        for g in groups:
+            if not g.cached:
+                self._add_correction(x2, y2, g, _tokens(g.rows, length))
+        return y2.view(*x3.shape[:2], -1)
+
+    def _add_correction(self, x2, y2, g, tokens):
+        """y2[tokens] += w ((x V_t) (U_t S_t)^T + db_t), or w (x D_t^T + db_t) for dense sets, x = x2[tokens]."""
+        if self.dense is None:
+            block = self._block(g.expert)
+            y2[tokens].addmm_(_scaled(self._project(x2[tokens], block), g.scale), self.us_cat[block])
+            return
+        x = x2[tokens] if g.scale is None else _scaled(x2[tokens].clone(), g.scale)
+        y2[tokens].addmm_(x, self.dense[g.expert].T)
+        if self.db is not None:
+            rows = y2[tokens].view(g.rows.stop - g.rows.start, -1, y2.shape[-1])
+            rows += self.db[g.expert] if g.scale is None else g.scale * self.db[g.expert]
+
+    @torch.no_grad()
+    def materialise(self, t):
+        """(W_s + delta_t [d_out, d_in], b_s + db_t) of expert t at weight 1 (the module's own bias when no expert
+        has a bias delta; the bias column's V is zero, so its U S row adds nothing to the weight)."""
+        if self.dense is not None:
+            return self.weight + self.dense[t], self.bias if self.db is None else self.bias + self.db[t]
+        block = self._block(t)
+        weight = self.weight + (self.v_cat[:, block] @ self.us_cat[block]).T
+        return weight.contiguous(), self.bias + self.us_cat[block][-1] if self.bias_col else self.bias
 
 
 class DynamicEmbedding(nn.Module):
     """nn.Embedding with per-sample low-rank corrections. ids [B, L] (or [1, L], broadcast) -> [B, L, d].
 
-    Buffers: us_cat [num, n*R] (rows of U_t S_t, expert-major blocks), vt_cat [n*R, d] (V_t^T blocks).
+    Buffers: us_cat [num, n*R] (rows of U_t S_t, expert-major blocks), vt_cat [n*R, d] (V_t^T blocks), or dense
+    [n, num, d] when every expert's delta is dense. Never materialised by `ExpertCache`: the correction is a row
+    gather and a [tokens, R] x [R, d] product.
     """
 
     def __init__(self, base, factors, name, routing):
@@ -183,34 +319,39 @@ class DynamicEmbedding(nn.Module):
         if _all_dense(factors, f"{name}.weight"):  # [n, num, d]
             self.dense = _stack_dense(factors, f"{name}.weight", shape, dtype)
         us, vs = _stack_factors([] if self.dense is not None else factors, f"{name}.weight", shape, dtype)
-        self.n, self.rank = len(factors), us.shape[2]
+        self.rank = us.shape[2]
         self.register_buffer("us_cat", us.permute(1, 0, 2).reshape(base.weight.shape[0], -1).contiguous(), persistent=False)
         self.register_buffer("vt_cat", vs.permute(0, 2, 1).reshape(-1, base.weight.shape[1]).contiguous(), persistent=False)
 
     def forward(self, ids):
         r = self.routing
-        batch = r.dense.shape[0]
-        ids = ids.expand(batch, *ids.shape[1:])
+        ids = ids.expand(r.dense.shape[0], *ids.shape[1:])
         y = F.embedding(ids, self.weight, self.padding_idx)
-        if self.dense is not None:
-            return y + self._dense_correction(ids, r)
-        if r.idx is None:
-            corr = (F.embedding(ids, self.us_cat) * r.rank_weights(self.rank)[:, None]) @ self.vt_cat
+        if r.groups is None:
+            self._add_batched(y, ids)
         else:
-            k = r.idx.shape[1]
-            rows = self.us_cat.view(-1, self.n, self.rank)[ids[:, :, None], r.idx[:, None, :]]  # [B, L, k, R]
-            vt_sel = self.vt_cat.view(self.n, self.rank, -1)[r.idx].reshape(batch, k * self.rank, -1)
-            corr = torch.bmm(rows.reshape(batch, -1, k * self.rank) * r.rank_weights(self.rank)[:, None], vt_sel)
-        return y + corr
+            for g in r.groups:
+                self._add_group(y, ids, g)
+        return y
 
-    def _dense_correction(self, ids, r):
-        """sum_t w_t D_t[ids] [B, L, d] (top-k: per (column, expert) group of samples)."""
-        if r.idx is None:
-            return torch.einsum("nbld,bn->bld", self.dense[:, ids], r.dense)
-        corr = self.weight.new_zeros(*ids.shape, self.dense.shape[-1])
-        for j, t, rows in _dense_groups(r):
-            corr[rows] += r.kept[rows, j, None, None] * F.embedding(ids[rows], self.dense[t])
-        return corr
+    def _add_batched(self, y, ids):
+        """y += sum_t w_t (U_t S_t)[ids] V_t^T for every expert (one gather, one GEMM over n*R columns)."""
+        r = self.routing
+        if self.dense is not None:
+            y += torch.einsum("nbld,bn->bld", self.dense[:, ids], r.dense)
+        else:
+            h = F.embedding(ids, self.us_cat) * r.rank_weights(self.rank)[:, None]
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.vt_cat)
+
+    def _add_group(self, y, ids, g):
+        """y[g.rows] += w (U_t S_t)[ids] V_t^T (or w D_t[ids]) for group g's expert t."""
+        ids = ids[g.rows].reshape(-1)
+        if self.dense is not None:
+            y[g.rows] += _scaled(F.embedding(ids, self.dense[g.expert]), g.scale).view_as(y[g.rows])
+        else:
+            block = slice(g.expert * self.rank, (g.expert + 1) * self.rank)
+            h = _scaled(F.embedding(ids, self.us_cat[:, block]), g.scale)
+            y[g.rows].view(-1, y.shape[-1]).addmm_(h, self.vt_cat[block])
 
 
 class DynamicLayerNorm(nn.Module):
@@ -228,7 +369,56 @@ class DynamicLayerNorm(nn.Module):
         batch, view = x.shape[0], (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
         gamma = self.weight.expand(batch, -1) if self.dg is None else self.weight + _per_sample(self.dg, self.routing)
         beta = self.bias.expand(batch, -1) if self.db is None else self.bias + _per_sample(self.db, self.routing)
-        return F.layer_norm(x, self.shape, None, None, self.eps) * gamma.view(view) + beta.view(view)
+        return torch.addcmul(beta.view(view), F.layer_norm(x, self.shape, None, None, self.eps), gamma.view(view))
+
+
+class ExpertCache:
+    """LRU of materialised Linear weights for top-1 serving (`RoutedDeltaModel(cache_experts=...)`).
+
+    A resident expert t's top-1 inputs run every dynamic Linear as one GEMM with W_s + delta_t and
+    b_s + db_t (`DynamicLinear.materialise`): the static model's cost. Only Linear modules are materialised:
+    embeddings keep their low-rank correction (a row gather and a [tokens, R] x [R, d] product, ~0.1% of
+    MiniLM's FLOPs) and LayerNorms their per-sample gamma/beta, so one expert costs the bytes of the model's
+    dynamic Linear weights and biases in the model dtype (MiniLM float32: 41 MiB, 48% of the 87 MiB dense
+    model, whose word embeddings are half of it); all T experts cost T times that (`nbytes`).
+
+    Filled on use: each top-1 batch admits its experts, largest group first, up to `capacity`, evicting the
+    least recently used others (a miss materialises the expert: about one static forward pass of GEMM work).
+    A batch with more experts than `capacity` runs the rest on the grouped low-rank path. capacity 0: off.
+    """
+
+    def __init__(self, linears, capacity=0):
+        self.linears, self.capacity, self.experts = list(linears), int(capacity), OrderedDict()
+
+    def admit(self, experts):
+        """Make the first `capacity` of `experts` resident and most recently used; return them as a set."""
+        chosen = list(experts)[: self.capacity]
+        for t in chosen:
+            if t not in self.experts:
+                self._shrink(self.capacity - 1)
+                for m in self.linears:
+                    m.cached[t] = m.materialise(t)
+            self.experts[t] = None
+            self.experts.move_to_end(t)
+        return set(chosen)
+
+    def resize(self, capacity):
+        """Set how many experts to keep (0 disables the cache), evicting the least recently used beyond it."""
+        self.capacity = int(capacity)
+        self._shrink(self.capacity)
+
+    def _shrink(self, size):
+        while len(self.experts) > max(size, 0):
+            t, _ = self.experts.popitem(last=False)
+            for m in self.linears:
+                del m.cached[t]
+
+    @property
+    def nbytes(self):
+        """Bytes held by the resident experts' materialised weights and biases (a module's own bias, reused
+        when no expert changes it, is not counted)."""
+        return sum(x.numel() * x.element_size() for m in self.linears for entry in m.cached.values()
+                   for x in entry if x is not None and x is not m.bias)
 
 
 class HeadDispatcher(nn.Module):
@@ -299,9 +489,12 @@ class RoutedDeltaModel(nn.Module):
     shared_model: an HF *ForSequenceClassification holding theta_s; it is converted to `dtype`, put in eval
     mode and its modules are replaced IN PLACE (the original weights are reused, not copied).
     factors: one ExclusiveFactors per expert (list order = expert index = routing weight column).
+    cache_experts: capacity of the `ExpertCache` of materialised Linear weights used by top-1 batches (0: off;
+    each resident expert costs the model's dynamic Linear bytes, see `ExpertCache`); `expert_cache.resize`
+    changes it later.
     """
 
-    def __init__(self, shared_model: PreTrainedModel, factors, dtype=torch.float32):
+    def __init__(self, shared_model: PreTrainedModel, factors, dtype=torch.float32, cache_experts: int = 0):
         super().__init__()
         if not factors:
             raise FactorError("RoutedDeltaModel needs at least one expert's factors")
@@ -316,6 +509,8 @@ class RoutedDeltaModel(nn.Module):
         for path in self.head_paths:
             heads = [self._expert_head(t, path) for t in range(len(self.factors))]
             self.model.set_submodule(path, HeadDispatcher(heads, self.routing))
+        linears = [m for m in self.model.modules() if isinstance(m, DynamicLinear)]
+        self.expert_cache = ExpertCache(linears, cache_experts)
 
     def _replace_modules(self):
         params = {}
@@ -349,27 +544,61 @@ class RoutedDeltaModel(nn.Module):
 
         input_ids, attention_mask, token_type_ids: [B, L]; weights: [B, n] routing weights; head_ids: [B]
         expert heads (oracle), default argmax of weights; top_k: keep each sample's k largest weights
-        (renormalised, see `top_k_weights`) and compute only those experts. Returns DynamicOutput.
+        (renormalised, see `top_k_weights`). Experts with weight 0 are never computed: when some expert is
+        unused by a row (top-k, or already sparse weights) the batch runs grouped (and cached when top-1 with
+        weight 1 and the cache is on), else batched (see the module docstring). Returns DynamicOutput.
         """
         n = len(self.factors)
         if weights is None or weights.shape != (input_ids.shape[0], n):
             raise TwinMergeError(f"weights must have shape [batch, n_experts] = [{input_ids.shape[0]}, {n}]")
         weights = weights.to(self.dtype)
         head_ids = weights.argmax(dim=1) if head_ids is None else head_ids.long()
-        r = self.routing
-        if top_k is None or top_k >= n:
-            r.dense, r.idx, r.kept = weights, None, None
+        if top_k is not None and top_k < n:
+            weights = top_k_weights(weights, top_k)[0]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        active = int((weights != 0).sum(dim=1).max())
+        if active == n:
+            logits = self._run(inputs, weights, None, head_ids)
         else:
-            r.dense, r.idx, r.kept = top_k_weights(weights, top_k)
-        r.head_ids = head_ids
-        try:
-            kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-            width = int(self.num_labels.max())  # same width for every batch, whatever heads it used
-            logits = F.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
-        finally:
-            r.dense = r.idx = r.kept = r.head_ids = None
+            logits = self._run_grouped(inputs, weights, max(active, 1), head_ids)
         return DynamicOutput(logits, self.num_labels[head_ids], head_ids)
+
+    def _run_grouped(self, inputs, weights, k, head_ids):
+        """Select each sample's k experts (largest |weight| first), sort the batch by them (`_lexsort`), run
+        it as `_groups` segments, return the logits in the input order."""
+        n = len(self.factors)
+        idx = weights.abs().topk(k, dim=1).indices
+        kept = weights.gather(1, idx)
+        idx[:, 1:][kept[:, 1:] == 0] = n  # unused slots: no segment
+        order = _lexsort(idx)
+        idx, kept = idx[order], kept[order]
+        groups = _groups(idx, kept, n, self._cached_experts(idx, kept))
+        logits = self._run({name: value[order] for name, value in inputs.items()}, weights[order], groups,
+                           head_ids[order])
+        return logits[order.argsort()]
+
+    def _cached_experts(self, idx, kept):
+        """The experts of a top-1 batch (idx, kept [B, 1]) resident in the `ExpertCache` after admitting them,
+        largest segment first; none when the cache is off or some weight is not 1 (a materialised expert is
+        theta_s + v_t, i.e. weight 1)."""
+        if idx.shape[1] != 1 or not self.expert_cache.capacity or not bool((kept == 1).all()):
+            return set()
+        counts = idx[:, 0].bincount(minlength=len(self.factors))
+        used = counts.argsort(descending=True, stable=True)[: int((counts > 0).sum())]
+        return self.expert_cache.admit(used.tolist())
+
+    def _run(self, inputs, weights, groups, head_ids):
+        """The model's logits [B, C_max] (padded with -inf) under routing (weights [B, n], groups, head_ids)."""
+        r = self.routing
+        r.dense, r.groups, r.head_ids = weights, groups, head_ids
+        try:
+            logits = self.model(**inputs).logits
+        finally:
+            r.dense = r.groups = r.head_ids = None
+        width = int(self.num_labels.max())  # same width for every batch, whatever heads it used
+        return F.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
 
     def merged_state(self, weights):
         """theta_s + sum_t weights[t] v_t for every non-head tensor (v_t rebuilt from factors)."""

@@ -30,7 +30,7 @@ from twinmerge.progress import progress_bar
 
 from twinmerge.routed import top_k_weights
 from twinmerge.errors import CheckpointError, TwinMergeError
-from twinmerge.io import atomic_dir, save_safetensors_atomic, sha256_file, write_json_atomic
+from twinmerge.io import atomic_dir, save_safetensors_atomic, weights_sha256, write_json_atomic
 
 POOLINGS = ("mean", "cls", "max", "mean_max")
 ROUTER_FORMAT = "twinmerge-router/2"
@@ -266,8 +266,9 @@ class SavedRouter:
     folder: Path
 
     def check_feature_model(self, weights_file: str | Path) -> None:
-        """CheckpointError unless `weights_file` (the feature model's safetensors) is the one trained on."""
-        actual = sha256_file(weights_file)
+        """CheckpointError unless `weights_file` (the feature model's safetensors, or its HF folder, sharded or
+        not: `weights_sha256`) is the one trained on."""
+        actual = weights_sha256(weights_file)
         if actual != self.feature_model_sha256:
             raise CheckpointError(f"{self.folder}/router.json: trained on features of a model with sha256 "
                                   f"{self.feature_model_sha256[:12]}..., but {weights_file} has {actual[:12]}...")

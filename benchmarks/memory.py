@@ -1,0 +1,205 @@
+"""Peak memory of the streamed `modularize` and `compress` steps against the number of experts (not a test).
+
+Writes a random BERT base (default 24 layers, hidden 1024, intermediate 4096, vocab 30522: ~335M parameters,
+float32 ~1.3 GB) and 8 experts (base + seeded noise on every tensor, a 2-class head each) as Hugging Face
+folders under --workdir (default: a temporary folder), then runs each measurement in a fresh Python process,
+which reports its own peak RSS: VmHWM of /proc/self/status, the high-water mark of its memory since it started
+(file pages it mapped included). Not getrusage's ru_maxrss: Linux carries the parent's high-water mark into a
+child at exec, so a child of this (larger) process would report at least the parent's peak.
+  - `tasks.modularize.modularize` (task arithmetic) over 2, 4 and 8 experts (--counts);
+  - `tasks.compress.compress` of one expert (fraction 0.1, float16) against the shared model of the most experts;
+  - for information: the fixed overhead (imports only), and the in-memory merge that the static baselines run
+    (`StaticMethod.grid_backbones` over a 2-point scaling grid, as `twinmerge.methods.static` builds it before
+    scoring: not streamed, not a target).
+The steps get a `Params` built in code with their sections only (experts, merge, compress): `load_params` of a
+full params.yaml also validates `methods`, which imports twinmerge.methods and transformers (+~140 MiB, fixed;
+reported as "CLI import overhead", and compress is measured once more with those imports). The synthetic experts are deleted at the end unless --keep. Threads: 2.
+
+    python benchmarks/memory.py [--layers 2 --hidden 128 --intermediate 512] [--counts 2,4,8]
+                                [--workdir DIR] [--keep]
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = "2"
+MIB = 2**20
+
+
+def make_experts(workdir: Path, config: dict, n: int, noise: float = 0.01) -> int:
+    """Write base/ (BertModel) and checkpoints/e0..e{n-1} (BertForSequenceClassification, base + noise) with
+    the streaming writer, one tensor in memory at a time. Returns one expert's float32 backbone bytes."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from twinmerge.io import SafetensorsWriter
+
+    bert = BertConfig(**config)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in BertModel(bert).state_dict().items()}
+    head = {"classifier.weight": (2, bert.hidden_size), "classifier.bias": (2,)}
+
+    def base_tensor(key):
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        if key.endswith("LayerNorm.weight"):
+            return torch.ones(shapes[key])
+        return 0.02 * torch.randn(shapes[key], generator=g) if key.endswith("weight") else torch.zeros(shapes[key])
+
+    def write(folder, specs, tensors, arch, **extra):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({**bert.to_dict(), "architectures": [arch], **extra}))
+        with SafetensorsWriter(folder / "model.safetensors", specs, {"format": "pt"}) as out:
+            for key, t in tensors:
+                out.write(key, t)
+
+    f32 = torch.float32
+    write(workdir / "base", [(k, s, f32) for k, s in shapes.items()], ((k, base_tensor(k)) for k in shapes),
+          "BertModel")
+    def expert_tensors(i):
+        g = torch.Generator().manual_seed(1000 + i)
+        for k, s in shapes.items():
+            yield f"bert.{k}", base_tensor(k) + noise * torch.randn(s, generator=g)
+        for k, s in head.items():
+            yield k, 0.02 * torch.randn(s, generator=g)
+
+    specs = [(f"bert.{k}", s, f32) for k, s in shapes.items()] + [(k, s, f32) for k, s in head.items()]
+    for i in range(n):
+        write(workdir / "checkpoints" / f"e{i}", specs, expert_tensors(i), "BertForSequenceClassification",
+              id2label={"0": "a", "1": "b"}, label2id={"a": 0, "b": 1})
+    return sum(math.prod(s) for s in shapes.values()) * 4
+
+
+def step_params(workdir: Path, n: int):
+    """A Params for the steps: n experts under workdir/checkpoints, task arithmetic 0.3, fraction 0.1 float16.
+    Built without validating `methods` (which imports twinmerge.methods and transformers, see the module doc)."""
+    from tasks.params import CompressParams, ExpertSpec, MergeParams, MethodsParams, Params
+
+    experts = {f"e{i}": ExpertSpec(path=str(workdir / "checkpoints" / f"e{i}"), task="movie", data="unused")
+               for i in range(n)}
+    merge = MergeParams(method="task_arithmetic", options={"scaling": 0.3})
+    return Params.model_construct(experts=experts, merge=merge, compress=CompressParams(),
+                                  methods=MethodsParams.model_construct())
+
+
+def child(kind: str, workdir: Path, n: int) -> None:
+    """One measurement, in this fresh process; prints {"peak_mib", "wall_s"} as JSON on the last line."""
+    import torch
+    torch.set_num_threads(int(THREADS))
+    start = time.perf_counter()
+    dirs = {"base_dir": workdir / "base", "checkpoints_dir": workdir / "checkpoints"}
+    if kind == "imports":
+        import tasks.compress  # noqa: F401
+        import tasks.modularize  # noqa: F401
+    elif kind == "cli_imports":
+        import tasks.compress  # noqa: F401
+        import twinmerge.methods  # noqa: F401 - what load_params(params.yaml) imports to validate `methods`
+    elif kind == "modularize":
+        from tasks.modularize import modularize
+        modularize(step_params(workdir, n), workdir / "shared", **dirs)
+    elif kind in ("compress", "compress_cli"):
+        from tasks.compress import compress
+        if kind == "compress_cli":
+            import twinmerge.methods  # noqa: F401 - as `twinmerge compress` (load_params) imports it
+        compress(step_params(workdir, n), "e0", workdir / "shared", workdir / "exclusive", progress=False, **dirs)
+    elif kind == "static":
+        from twinmerge.io import ExpertSet
+        from twinmerge.merge import MERGE_METHODS
+        from twinmerge.methods.static import StaticMethod
+
+        pool = ExpertSet(dirs["base_dir"], {f"e{i}": dirs["checkpoints_dir"] / f"e{i}" for i in range(n)})
+        method = StaticMethod("task_arithmetic", MERGE_METHODS["task_arithmetic"])
+        for _ in method.grid_backbones(pool, {}, {"scaling": [0.3, 0.5]}):
+            pass
+    status = Path("/proc/self/status").read_text().split("VmHWM:")[1]
+    peak = int(status.split()[0]) / 1024  # kB
+    print(json.dumps({"peak_mib": peak, "wall_s": time.perf_counter() - start}))
+
+
+def measure(kind: str, workdir: Path, n: int = 0) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "TQDM_DISABLE": "1",
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, __file__, "--child", kind, "--workdir", str(workdir), "--n", str(n)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"child {kind} {n} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(args, workdir: Path) -> None:
+    import psutil
+    import torch
+
+    torch.set_num_threads(int(THREADS))
+    counts = sorted(args.counts)
+    config = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  num_attention_heads=max(1, args.hidden // 64), intermediate_size=args.intermediate,
+                  max_position_embeddings=512)
+    t0 = time.perf_counter()
+    model_bytes = make_experts(workdir, config, counts[-1])
+    on_disk = sum(f.stat().st_size for f in (workdir / "checkpoints").rglob("*.safetensors"))
+    memory = psutil.virtual_memory().total
+    print(f"model: {config}: {model_bytes // 4:,} parameters, float32 {model_bytes / MIB:.1f} MiB per expert")
+    print(f"created base + {counts[-1]} experts in {time.perf_counter() - t0:.0f} s: experts {on_disk / 2**30:.2f} "
+          f"GiB on disk = {on_disk / memory:.2f} x this machine's memory ({memory / 2**30:.1f} GiB)", flush=True)
+    for kind, label in [("imports", "fixed overhead (import tasks.modularize, tasks.compress)"),
+                        ("cli_imports", "CLI import overhead (+ twinmerge.methods, imported by load_params)")]:
+        print(f"{label} = {measure(kind, workdir)['peak_mib']:.0f} MiB", flush=True)
+    peaks = {}
+    for n in counts:
+        r = measure("modularize", workdir, n)
+        peaks[n] = r["peak_mib"]
+        print(f"peak RSS modularize {n} experts = {r['peak_mib']:.0f} MiB (wall {r['wall_s']:.0f} s)", flush=True)
+    r = measure("compress", workdir, counts[-1])
+    print(f"peak RSS compress 1 expert = {r['peak_mib']:.0f} MiB (wall {r['wall_s']:.0f} s)")
+    cli = measure("compress_cli", workdir, counts[-1])
+    print(f"[info] peak RSS compress 1 expert with the CLI's imports (+ twinmerge.methods, transformers) = "
+          f"{cli['peak_mib']:.0f} MiB = {cli['peak_mib'] * MIB / model_bytes:.3f} x model", flush=True)
+    for n in counts[1:]:
+        print(f"peak RSS {n} experts / {counts[0]} experts = {peaks[n] / peaks[counts[0]]:.3f}  (modularize; "
+              "target <= 1.1)")
+    at = 8 if 8 in peaks else counts[-1]
+    worst = max(peaks[at], r["peak_mib"])
+    print(f"peak RSS / model bytes = {worst * MIB / model_bytes:.3f}  (max of modularize at {at} experts and "
+          f"compress = {worst:.0f} MiB, over one expert's float32 {model_bytes / MIB:.0f} MiB; target <= 0.5)",
+          flush=True)
+    for n in counts:
+        s = measure("static", workdir, n)
+        print(f"[info] peak RSS static baseline merge (in memory, 2-point grid) {n} experts = {s['peak_mib']:.0f} "
+              f"MiB = {s['peak_mib'] * MIB / model_bytes:.2f} x model (wall {s['wall_s']:.0f} s)", flush=True)
+    print(f"total wall time = {time.perf_counter() - t0:.0f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--counts", type=lambda text: [int(x) for x in text.split(",")], default=[2, 4, 8],
+                   help="expert counts to merge (default 2,4,8)")
+    p.add_argument("--workdir", type=Path, help="where the synthetic experts go (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the synthetic experts")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, args.workdir, args.n)
+    workdir = Path(tempfile.mkdtemp(prefix="twinmerge-memory-", dir=args.workdir))
+    try:
+        run(args, workdir)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
