@@ -24,6 +24,7 @@ COMMANDS = {
     "report": ("tasks.report", "comparison table and plots"),
     "bundle": ("tasks.bundle", "pack shared model, factors, router and heads into artifacts/twin"),
     "predict": ("tasks.predict", "route and classify raw texts with a bundle"),
+    "export-peft": ("tasks.export_peft", "write each expert of a bundle as a PEFT LoRA adapter over its shared model"),
     "expert": ("tasks.registry", "expert registry: add (validated, emits expert.added) or list with status"),
     "history": ("tasks.history", "evaluation history: append the current metrics or show the records"),
     "serve": ("flows.serve", "serve the watch deployment (cron + expert.added trigger) on a Prefect server"),

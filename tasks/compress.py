@@ -1,7 +1,8 @@
 """Step `compress` (per expert): exclusive knowledge v_t = theta_t - theta_s as SVD factors.
 
 Writes `artifacts/exclusive/<expert>.safetensors` (format in docs/DESIGN.md) and
-`artifacts/exclusive/<expert>.stats.json` (per-tensor rank, energy kept, bytes; totals vs dense).
+`artifacts/exclusive/<expert>.stats.json` (per-tensor rank, energy kept, bytes; totals vs dense). With
+`compress.factor_bits` 8 or 4 the factors are quantised (bytes count codes + scales; twinmerge/quant.py).
 Streamed: the shared model is read one tensor at a time (`SharedModel`) and each factor is written as it is
 computed (`write_factors`), so memory is about 3x the largest tensor, never a model.
 """
@@ -21,9 +22,11 @@ def compress(params: Params, expert: str, shared_dir: str | Path = "artifacts/sh
         raise FactorError(f"params.yaml: experts: no expert named {expert!r} (have {sorted(params.experts)})")
     pool = ExpertSet(base_dir, {expert: Path(checkpoints_dir) / expert})  # the shared model carries the others
     rank_spec = RankSpec(params.compress.rank.mode, params.compress.rank.value)
-    stream = FactorStream(pool, SharedModel(shared_dir), expert, rank_spec, params.compress.dtype, progress)
+    c = params.compress
+    stream = FactorStream(pool, SharedModel(shared_dir), expert, rank_spec, c.dtype, progress, c.factor_bits,
+                          c.group_size)
     out_dir = Path(out_dir)
-    metadata = factor_metadata(expert, pool.experts[expert].config, rank_spec, params.compress.dtype)
+    metadata = factor_metadata(expert, pool.experts[expert].config, rank_spec, c.dtype, c.factor_bits, c.group_size)
     write_factors(out_dir / f"{expert}.safetensors", stream, metadata)
     write_json_atomic(stream.stats, out_dir / f"{expert}.stats.json")
     return stream.stats["totals"]

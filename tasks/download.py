@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # What a checkpoint is: weights, configs and tokenizer files; not training logs (an expert folder's scores.json,
 # trainer_state.json, ...), so an expert's copy and fingerprint change only when its weights or configs do.
 CHECKPOINT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-                       "adapter_config.json", "preprocessor_config.json", "special_tokens_map.json",
+                       "adapter_config.json", "twinmerge_adapter.json", "preprocessor_config.json", "special_tokens_map.json",
                        "added_tokens.json", "tokenizer*", "vocab.txt", "vocab.json", "merges.txt", "*.model")
 
 
@@ -187,15 +187,16 @@ def label_count(folder: str | Path) -> int:
     return len(labels)
 
 
-def check_head_labels(name: str, checkpoint: str | Path, data: str | Path) -> None:
+def check_head_labels(name: str, config: dict, checkpoint: str | Path, data: str | Path) -> None:
     """The expert's classification head must have as many labels as its task: len(id2label) (or num_labels)
-    of `<checkpoint>/config.json` == len(`<data>/labels.json`); else a one-line CheckpointError."""
-    config_path = Path(checkpoint) / "config.json"
-    config = json.loads(config_path.read_text())
+    of its `config` (the checkpoint's config.json; a LoRA adapter's labels over the base's config) ==
+    len(`<data>/labels.json`); else a one-line CheckpointError naming the checkpoint folder."""
     head = len(config["id2label"]) if config.get("id2label") else int(config.get("num_labels", 2))
     task = label_count(data)
     if head != task:
-        raise CheckpointError(f"expert {name}: {config_path} has a {head}-label head but its task data "
+        where = Path(checkpoint) / "config.json"
+        where = where if where.is_file() else Path(checkpoint) / "adapter_config.json"
+        raise CheckpointError(f"expert {name}: {where} has a {head}-label head but its task data "
                               f"{Path(data) / 'labels.json'} has {task} labels")
 
 
@@ -220,7 +221,7 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
     experts = ExpertSet(base_dir, {name: folder})
     experts.check_finite()
     check_task_files(params.experts[name].data)  # before anything is written: main copies the tables next
-    check_head_labels(name, folder, params.experts[name].data)
+    check_head_labels(name, experts.experts[name].config, folder, params.experts[name].data)
     return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), _source(folder, {"path": str(folder)}))
 
 

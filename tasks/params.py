@@ -241,8 +241,13 @@ class RankParams(_Strict):
 
 
 class CompressParams(_Strict):
+    """Exclusive-knowledge factors: ranks, the dtype of unquantised factors and dense 2-D deltas, and
+    `factor_bits`: 16 = U, V in `dtype` (unquantised, the files as before); 8 or 4 = U, V quantised
+    (twinmerge.quant: symmetric absmax, float16 scales per `group_size` rows of each column)."""
     rank: RankParams = Field(default_factory=RankParams)
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    factor_bits: Literal[16, 8, 4] = 16
+    group_size: int = Field(64, ge=1)
 
 
 class RouterParams(_Strict):

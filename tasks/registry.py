@@ -282,15 +282,19 @@ def base_folder(params: Params) -> Path:
     return local if (local / "config.json").is_file() else Path(resolve_base(params))
 
 
-def validate_expert(name: str, folder: str | Path, base: str | Path) -> None:
-    """ExpertSet(base, {name: folder}) + check_finite; any problem -> one-line CheckpointError."""
+def validate_expert(name: str, folder: str | Path, base: str | Path) -> dict:
+    """ExpertSet(base, {name: folder}) + check_finite; any problem -> one-line CheckpointError. Returns the
+    expert's config (a LoRA adapter folder's: the base's with the adapter's label fields)."""
     from twinmerge.io import ExpertSet
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"expert {name}: {folder} is not a checkpoint folder (no config.json)")
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise CheckpointError(f"expert {name}: {folder} is not a checkpoint folder (no config.json) nor a PEFT "
+                              "adapter folder (no adapter_config.json)")
     try:
-        ExpertSet(base, {name: folder}).check_finite()
+        experts = ExpertSet(base, {name: folder})
+        experts.check_finite()
+        return experts.experts[name].config
     except TwinMergeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"expert {name} ({folder}) is incompatible with the base {base}: {first}") from None
@@ -319,15 +323,14 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
     base = base_folder(params)
     hub = None
     if repo_id is None:
-        validate_expert(name, path, base)
-        check_head_labels(name, path, data)
+        check_head_labels(name, validate_expert(name, path, base), Path(path), data)
     else:
         source = HubSource(repo_id=repo_id, subfolder=subfolder, revision=revision)
         Path(HUB_DIR).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=HUB_DIR, prefix=f".validate-{name}.") as tmp:
             fetch_hub(source, Path(tmp) / name, api=api, snapshot_download=snapshot_download)
-            validate_expert(name, Path(tmp) / name, base)
-            check_head_labels(name, Path(tmp) / name, data)
+            config = validate_expert(name, Path(tmp) / name, base)
+            check_head_labels(name, config, Path(tmp) / name, data)
         hub = source.model_dump(exclude_none=True)
         path = f"{HUB_DIR}/{name}"
     entry = {"path": str(path), "task": task, "data": str(data), "metric": metric}

@@ -57,7 +57,7 @@ kind = sys.argv[1]
 stage = f"part@{sys.argv[2]}" if kind == "part" else kind
 trace = Path("..", "trace")  # outside the project: neither a dependency nor an output
 trace.mkdir(exist_ok=True)
-(trace / f"{stage}.json").write_text(json.dumps({"chain": [p.pid for p in psutil.Process().parents()],
+(trace / f"{stage}.json").write_text(json.dumps({"chain": [[p.pid, p.cmdline()] for p in psutil.Process().parents()],
                                                  "threads": os.environ.get("OMP_NUM_THREADS"),
                                                  "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_")}))
 if kind == "part":
@@ -262,7 +262,7 @@ def test_dask_run_matches_the_thread_pool_runs_in_the_workers_and_pushes(tmp_pat
     for root, parents in ((ref, {os.getpid()}), (on_dask, workers)):
         trace = traces[root]
         assert set(trace) == set(STAGES)
-        dvc_parents = {stage: t["chain"][1] for stage, t in trace.items()}  # chain[0]: `dvc repro` itself
+        dvc_parents = {stage: _parent_of_dvc_repro(t["chain"]) for stage, t in trace.items()}
         assert set(dvc_parents.values()) == parents, root  # the flow's own process, or both workers
         assert trace["join"]["threads"] == str(cpus)  # alone on the host
         assert trace["part@a"]["threads"] == trace["part@b"]["threads"] == str(max(1, cpus // 2))
@@ -274,6 +274,14 @@ def test_dask_run_matches_the_thread_pool_runs_in_the_workers_and_pushes(tmp_pat
     assert again["ran"] == [] and sorted(again["cached"]) == sorted(STAGES) and again["pushed"] == "store"
     assert json.loads(_dvc(["status", "--cloud", "--json"], ref)) == {}  # cached stages pushed at the end
     assert dict(os.environ) == environ  # the flow's LocalCluster left this process's environment as it was
+
+
+def _parent_of_dvc_repro(chain: list[list]) -> int:
+    """The pid of the process that started `dvc repro`, from a stage command's ancestors [[pid, argv], ...]
+    (nearest first). DVC runs the command through $SHELL, or /bin/sh when SHELL is unset: bash execs a single
+    command, dash keeps a shell process in between, so `dvc repro` is not always the direct parent."""
+    at = next(i for i, (_, argv) in enumerate(chain) if "dvc" in argv and "repro" in argv)
+    return chain[at + 1][0]
 
 
 def _can_hide_folders() -> bool:

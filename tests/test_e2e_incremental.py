@@ -1,10 +1,10 @@
 """End to end, on tiny models: an evaluated pipeline, then a new expert for an extra task arrives.
 
 A temporary DVC project (git + dvc init, the repo's dvc.yaml, tasks/ and twinmerge/ as stage deps) with tiny
-random BERT experts and synthetic task tables (as in tests/test_pipeline_steps.py). The data stages of the
-embedded default have nothing to do here: `data.tasks: []` empties the train_expert foreach, and the outputs
-of `fetch` (data/raw) and `prepare` (data/tasks) are written by the test and recorded with `dvc commit`, so
-DVC sees them as up to date. Everything else runs for real: flows.watch.check_and_run (Prefect, temporary
+random BERT experts (the new one a PEFT LoRA adapter) and synthetic task tables (as in
+tests/test_pipeline_steps.py). The data stages of the embedded default have nothing to do here: `data.tasks: []`
+empties the train_expert foreach, and the outputs of `fetch` (data/raw) and `prepare` (data/tasks) are written by
+the test and recorded with `dvc commit`, so DVC sees them as up to date. Everything else runs for real: flows.watch.check_and_run (Prefect, temporary
 server) -> flows.pipeline.pipeline subflow -> `dvc repro --single-item <stage>` -> `twinmerge <step>`.
 """
 import json
@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from test_lora import _make_peft_expert
 from test_pipeline_steps import _task_tables, _write_tokenizer
 from tasks.params import Params
 from tiny_models import make_base, make_experts
@@ -48,7 +49,13 @@ def project(tmp_path_factory):
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     base = make_base(root / "models", "bert", bare_backbone=True)
     _write_tokenizer(base)
-    experts = make_experts(root / "models", base, list(NUM_LABELS.values()), names=list(NUM_LABELS))
+    make_experts(root / "models", base, [NUM_LABELS["alpha"], NUM_LABELS["beta"]], names=["alpha", "beta"])
+    # gamma, the expert that arrives later, is a PEFT LoRA adapter folder (no full weights): the pipeline takes
+    # it beside the full fine-tunes (twinmerge.lora)
+    _make_peft_expert(base, NUM_LABELS["gamma"], dict(r=4, lora_alpha=8, target_modules=["query", "value"]), 7,
+                      root / "models" / "gamma", root / "models" / "gamma-merged-by-peft")
+    assert (root / "models/gamma/adapter_config.json").is_file()
+    assert not (root / "models/gamma/model.safetensors").exists()
     rng = random.Random(0)
     tables = {}
     for i, name in enumerate(NUM_LABELS):  # t0, t1 are prepare's output; gamma's table lives outside it
@@ -118,11 +125,17 @@ def test_new_expert_runs_only_its_stages_and_the_whole_set_ones(project, harness
     report = (project / "artifacts/report/report.md").read_text()
     assert "## Change against the previous evaluation" in report and "Experts added: gamma" in report
 
-    # full re-merge on request: every expert is compressed again against the new shared expert
+    # full re-merge on request: every expert is compressed again against the new shared expert. gamma's task
+    # tables live outside data.tasks_dir: an edit of them is seen too (download@gamma is a DVC dependency of them)
     assert registry.remerge("params.yaml") == ["gamma"]
+    test_table = project / "data/extra/t2/test.parquet"
+    table = pd.read_parquet(test_table)
+    table.iloc[:-1].to_parquet(test_table)
     second = check_and_run(project=str(project))
     ran = set(second["pipeline"]["ran"])
     assert {"modularize", "compress@alpha", "compress@beta", "compress@gamma", "router", "evaluate"} <= ran
+    assert "download@gamma" in ran and {"download@alpha", "download@beta"} <= set(second["pipeline"]["cached"])
+    assert len(pd.read_parquet(project / "artifacts/taskdata/gamma/test.parquet")) == len(table) - 1
     assert _shared_and_factor_bytes(project)["model.safetensors"] != before["model.safetensors"]
     assert json.loads((project / "artifacts/checkpoints/gamma/manifest.json").read_text())["files"]
     metrics = json.loads((project / "artifacts/eval/metrics.json").read_text())
@@ -135,14 +148,3 @@ def test_new_expert_runs_only_its_stages_and_the_whole_set_ones(project, harness
     assert len(read_history(project / "history/evaluations.jsonl")) == 3
     status = _run([sys.executable, "-m", "dvc", "status", "--json"], project)
     assert json.loads(status or "{}") == {}
-
-    # gamma's task tables live outside data.tasks_dir; editing them is still seen (through dvc status)
-    test_table = project / "data/extra/t2/test.parquet"
-    table = pd.read_parquet(test_table)
-    table.iloc[:-1].to_parquet(test_table)
-    fourth = check_and_run(project=str(project))
-    assert fourth["changes"] == {} and "download@gamma" in fourth["stale"]
-    ran, cached = set(fourth["pipeline"]["ran"]), set(fourth["pipeline"]["cached"])
-    assert {"download@gamma", "router", "evaluate", "report"} <= ran
-    assert {"download@alpha", "download@beta", "modularize", "compress@gamma"} <= cached
-    assert len(pd.read_parquet(project / "artifacts/taskdata/gamma/test.parquet")) == len(table) - 1

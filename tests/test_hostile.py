@@ -125,8 +125,8 @@ def _dvc_project(root: Path, key: str) -> None:
     raw["experts"] = {key: {"path": "models/e", "task": "t", "data": "tables/e"}}
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
-    for f in ("tasks/download.py", "twinmerge/io.py", "artifacts/base/config.json", "models/e/config.json",
-              "tables/e/labels.json"):
+    for f in ("tasks/download.py", "twinmerge/io.py", "twinmerge/lora.py", "artifacts/base/config.json",
+              "models/e/config.json", "tables/e/labels.json"):
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         (root / f).write_text("{}")
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],

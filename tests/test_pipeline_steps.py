@@ -265,6 +265,66 @@ def test_bundle_predictions_match_evaluation(ran, project):
     assert all(abs(sum(p["weights"].values()) - 1) < 1e-3 for p in preds)
 
 
+def test_bundle_model_card_reads_its_numbers_from_metrics_and_files(ran, project):
+    """README.md: a Hugging Face metadata block, one results row per expert with the routed model's scores and
+    routing accuracy from metrics.json, and stored bytes that add up to the bundle's files."""
+    params, metrics, _ = ran
+    twin = project / "artifacts/twin"
+    card = (twin / "README.md").read_text()
+    head, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert yaml.safe_load(head) == {"library_name": "twinmerge", "pipeline_tag": "text-classification",
+                                    "tags": ["twin-merging", "model-merging", "text-classification"]}
+    routed = metrics["methods"]["twin_router"]
+    for name, spec in params.experts.items():
+        row = next(line for line in body.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[4]) == round(routed["scores"][spec.task], 2)
+        assert float(cells[5]) == round(routed["normalized"][spec.task], 2)
+        assert cells[6] == f"{100 * metrics['routing']['per_task'][name]:.2f}%"
+    sizes = {line.split("|")[1].strip(): int(line.split("|")[2]) for line in body.splitlines()
+             if line.startswith("| ") and "`" in line or line.startswith("| **total**")}
+    files = sum(f.stat().st_size for f in twin.rglob("*") if f.is_file() and f.name not in {"README.md", "twin.json"})
+    assert sizes.pop("**total**") == files == sum(sizes.values())
+    assert "twinmerge predict --bundle twin" in body
+
+
+def test_export_peft_cli_gives_each_experts_twin_over_the_shared_model(ran, project, tmp_path, capsys):
+    """`twinmerge export-peft`: PEFT loads each adapter over the bundle's shared model, and its logits are the
+    bundle's dynamic model materialised for that expert (one-hot weights), to 1e-5."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from tasks.cli import main
+
+    twin = project / "artifacts/twin"
+    assert main(["export-peft", "--bundle", str(twin), "--out", str(tmp_path / "adapters")]) == 0
+    names = list(ran[0].experts)
+    assert capsys.readouterr().out.splitlines() == [f"{n}\t{tmp_path / 'adapters' / n}" for n in names]
+    bundle = TwinBundle.load(twin)
+    ids = torch.randint(5, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    for t, name in enumerate(names):
+        shared = AutoModelForSequenceClassification.from_pretrained(twin / "shared",
+                                                                    num_labels=len(bundle.labels[name]))
+        peft_model = PeftModel.from_pretrained(shared, tmp_path / "adapters" / name).eval()
+        reference = bundle.dynamic.materialize(torch.eye(len(names))[t])
+        with torch.no_grad():
+            torch.testing.assert_close(peft_model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                       atol=1e-5, rtol=0)
+    assert main(["export-peft", "--bundle", str(twin), "--out", str(tmp_path / "x"), "--expert", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == (f"twinmerge export-peft: error: {twin / 'twin.json'}: no expert "
+                                               f"'nope' (have {', '.join(names)})")
+    assert not (tmp_path / "x").exists()
+
+
+def test_model_card_names_a_hub_base_and_says_when_nothing_was_evaluated(ran, project):
+    from twinmerge.card import model_card
+
+    twin = project / "artifacts/twin"
+    card = model_card(twin, json.loads((twin / "twin.json").read_text()), None, "org/base-model", "mine")
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == "org/base-model"
+    assert "No evaluation was given." in card and 'TwinBundle.load("mine")' in card
+
+
 def test_predict_cli_prints_task_and_label(ran, project, capsys, monkeypatch):
     from tasks.cli import main
 

@@ -1,6 +1,7 @@
 """A Twin-Merging bundle: everything inference needs, in one folder, loaded with one call.
 
 Layout (`twinmerge-bundle/1`):
+    README.md                      model card (Hugging Face layout: metadata block, scores, bytes, how to load)
     twin.json                      experts (order = routing column), their tasks and label names, routing options
                                    (temperature, top_k) and the classification max_length
     shared/                        the shared expert (HF backbone folder + tokenizer, see `twinmerge.shared`)
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from twinmerge.card import model_card
 from twinmerge.routed import RoutedDeltaModel
 from twinmerge.errors import CheckpointError, InputError
 from twinmerge.exclusive import load_factors
@@ -33,8 +35,10 @@ BUNDLE_FORMAT = "twinmerge-bundle/2"
 
 
 def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict[str, Path], router_dir: str | Path,
-                 tasks: dict[str, str], max_length: int, temperature: float = 1.0, top_k: int | None = None) -> Path:
-    """Copy the pipeline's outputs into one bundle folder, atomically (temp folder, then rename).
+                 tasks: dict[str, str], max_length: int, temperature: float = 1.0, top_k: int | None = None,
+                 metrics: dict | None = None, base_model: str | None = None) -> Path:
+    """Copy the pipeline's outputs into one bundle folder, atomically (temp folder, then rename), with its model
+    card (README.md, `twinmerge.card`: `metrics` is the evaluation's metrics.json, `base_model` a Hub repo id).
 
     Files are copied by the OS (`shutil.copy2`, in chunks), never loaded: memory does not depend on the model's
     size; a factor file is checked and its labels read from its header alone."""
@@ -50,6 +54,7 @@ def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict
         meta = {"format": BUNDLE_FORMAT, "experts": list(factor_files), "tasks": tasks, "labels": labels,
                 "max_length": max_length, "temperature": temperature, "top_k": top_k}
         (tmp / "twin.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "README.md").write_text(model_card(tmp, meta, metrics, base_model, Path(out_dir).name))
     return Path(out_dir)
 
 

@@ -8,6 +8,15 @@ Non-2-D tensors (LayerNorm, biases) are stored dense in float32; heads are store
 
 `FactorStream` produces a file's tensors one at a time (plan pass, then SVD pass) and `write_factors` writes
 them as they come, so compressing an expert holds one tensor, never a model; `compress_expert` collects them.
+
+Quantised factors (`factor_bits` 8 or 4; 16, the default, = unquantised, the file exactly as before): U and V of
+every low-rank tensor are stored as `twinmerge.quant` codes + float16 scales (groups of `group_size` rows of each
+column), under `lowrank.<name>.U` / `.V` with `lowrank.<name>.U_scales` / `.V_scales`; S stays float32 [r]
+(r * 4 bytes; kept separate rather than folded into U: per-column scales absorb it either way, so folding would
+change no code, and S stays the true singular values). Dense, head and S tensors are stored as unquantised.
+The metadata then also holds `factor_bits` and `group_size`. Ranks and the dense-or-factors choice do not
+depend on the bits (budgets count factor-dtype bytes), so a quantised file keeps the same ranks, smaller.
+`load_factors` dequantises on load (float32 U, V): the saving is on disk and in transfer, not in RAM.
 """
 import json
 import math
@@ -21,12 +30,15 @@ import torch
 from safetensors import safe_open
 from twinmerge.progress import progress_bar
 
+from . import quant
 from .errors import FactorError
 from .io import SAFETENSORS_DTYPES, ExpertSet, SafetensorsWriter, TensorSpec, save_safetensors_atomic
 
 FORMAT = "twinmerge-exclusive/1"
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 RANK_MODES = ("rank", "fraction", "energy", "budget_bytes", "budget_fraction")
+UNQUANTISED = 16  # factor_bits of plain factors in the factor dtype
+SCALES = ("U_scales", "V_scales")
 
 
 @dataclass(frozen=True)
@@ -168,15 +180,32 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     return _svd_with_fallback(torch.linalg.svdvals, matrix).to(torch.float32)
 
 
-def factor_metadata(expert_name: str, config: Mapping, rank_spec: RankSpec, factor_dtype: str) -> dict[str, str]:
-    """safetensors metadata of a factor file (all values strings, as safetensors requires)."""
-    return {"format": FORMAT, "expert": expert_name, "factor_dtype": factor_dtype,
+def factor_metadata(expert_name: str, config: Mapping, rank_spec: RankSpec, factor_dtype: str,
+                    factor_bits: int = UNQUANTISED, group_size: int = 64) -> dict[str, str]:
+    """safetensors metadata of a factor file (all values strings, as safetensors requires). Quantised factors
+    (factor_bits != 16) add `factor_bits` and `group_size`; unquantised files have neither (as before)."""
+    meta = {"format": FORMAT, "expert": expert_name, "factor_dtype": factor_dtype,
             "rank_spec": json.dumps(rank_spec.to_dict()), "config": json.dumps(dict(config))}
+    if factor_bits != UNQUANTISED:
+        _check_quant(factor_bits, group_size)
+        meta.update(factor_bits=str(factor_bits), group_size=str(group_size))
+    return meta
+
+
+def _check_quant(factor_bits: int, group_size: int) -> None:
+    """FactorError unless factor_bits is 16 (unquantised) or an integer in 2..8 (`twinmerge.quant`) and
+    group_size an integer >= 1."""
+    if isinstance(factor_bits, bool) or not isinstance(factor_bits, int) or not (
+            factor_bits == UNQUANTISED or 2 <= factor_bits <= 8):
+        raise FactorError(f"factor bits {factor_bits!r} not 16 (unquantised) or an integer in 2..8")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise FactorError(f"factor group size {group_size!r} not an integer >= 1")
 
 
 def compress_expert(experts: ExpertSet, shared: Mapping[str, torch.Tensor], expert_name: str,
-                    rank_spec: RankSpec, factor_dtype: str = "float16",
-                    progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                    rank_spec: RankSpec, factor_dtype: str = "float16", progress: bool = True,
+                    factor_bits: int = UNQUANTISED, group_size: int = 64
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Factor-file tensors and stats for expert `expert_name`, given theta_s as `shared` (canonical names), in
     memory: `FactorStream` collected into a dict (to write a file without holding it, see `write_factors`).
 
@@ -188,8 +217,10 @@ def compress_expert(experts: ExpertSet, shared: Mapping[str, torch.Tensor], expe
     lowrank_bytes (2-D tensors only: what budgets bound), head_bytes, dense_bytes_float32,
     dense_bytes_factor_dtype, dense_2d_bytes_factor_dtype, ratio = exclusive_bytes / dense_bytes_float32,
     rel_error_2d (over all 2-D tensors together).
+    Quantised (factor_bits 2..8): `bytes` counts codes + scales + S, rel_error is measured on the dequantised
+    factors, and stats also hold factor_bits and group_size.
     """
-    stream = FactorStream(experts, shared, expert_name, rank_spec, factor_dtype, progress)
+    stream = FactorStream(experts, shared, expert_name, rank_spec, factor_dtype, progress, factor_bits, group_size)
     tensors = dict(stream)
     return tensors, stream.stats
 
@@ -210,11 +241,15 @@ class FactorStream:
     """
 
     def __init__(self, experts: ExpertSet, shared: Mapping[str, torch.Tensor], expert_name: str,
-                 rank_spec: RankSpec, factor_dtype: str = "float16", progress: bool = True):
+                 rank_spec: RankSpec, factor_dtype: str = "float16", progress: bool = True,
+                 factor_bits: int = UNQUANTISED, group_size: int = 64):
         if expert_name not in experts.experts:
             raise FactorError(f"unknown expert {expert_name!r}; known: {', '.join(experts.names)}")
         if factor_dtype not in FACTOR_DTYPES:
             raise FactorError(f"factor dtype {factor_dtype!r} not one of {', '.join(FACTOR_DTYPES)}")
+        _check_quant(factor_bits, group_size)
+        self.factor_bits, self.group_size = factor_bits, group_size
+        self.quantised = factor_bits != UNQUANTISED
         self.experts, self.shared, self.name, self.rank_spec = experts, shared, expert_name, rank_spec
         self.factor_dtype, self.fdt = factor_dtype, FACTOR_DTYPES[factor_dtype]
         self.itemsize = self.fdt.itemsize
@@ -272,10 +307,30 @@ class FactorStream:
             shape = ckpt.shape(key)
             if kind == "dense":
                 out.append((f"dense.{key}", shape, torch.float32 if r is None else self.fdt))
+            elif kind == "lowrank" and self.quantised:
+                out += [spec for name, rows in (("U", shape[0]), ("S", None), ("V", shape[1]))
+                        for spec in self._quant_specs(f"lowrank.{key}.{name}", rows, r)]
             elif kind == "lowrank":
                 out += [(f"lowrank.{key}.U", (shape[0], r), self.fdt), (f"lowrank.{key}.S", (r,), torch.float32),
                         (f"lowrank.{key}.V", (shape[1], r), self.fdt)]
         return out + [(f"head.{key}", ckpt.shape(key), torch.float32) for key in self.experts.head_keys()]
+
+    def _quant_specs(self, name: str, rows: int | None, r: int) -> list[TensorSpec]:
+        """Specs of a quantised factor `name` [rows, r] (codes, then `<name>_scales`), or of S [r] (rows None)."""
+        if rows is None:
+            return [(name, (r,), torch.float32)]
+        shape, dtype = quant.packed_spec((rows, r), self.factor_bits)
+        return [(name, shape, dtype), (f"{name}_scales", quant.scales_shape((rows, r), self.group_size),
+                                        quant.SCALE_DTYPE)]
+
+    def _names(self, key: str, kind: str) -> list[str]:
+        """File names of what `_stored` returns for a nonzero 2-D v_t of this kind."""
+        if kind == "dense":
+            return [f"dense.{key}"]
+        if kind != "lowrank":
+            return []
+        parts = ["U", "U_scales", "S", "V", "V_scales"] if self.quantised else ["U", "S", "V"]
+        return [f"lowrank.{key}.{p}" for p in parts]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         per: dict[str, dict[str, Any]] = {}
@@ -291,10 +346,9 @@ class FactorStream:
                 yield f"dense.{key}", v
                 row.update(kind="dense", rank=None, energy_kept=1.0, bytes=v.numel() * 4, rel_error=0.0)
                 continue
-            stored, kept = self._stored(v, kind, r)
-            names = {"dense": [f"dense.{key}"], "lowrank": [f"lowrank.{key}.{p}" for p in "USV"]}.get(kind, [])
-            yield from zip(names, stored)
-            e2, n2 = _squared_error(kind, stored, v), float(torch.linalg.norm(v)) ** 2
+            stored, kept, approx = self._stored(v, kind, r)
+            yield from zip(self._names(key, kind), stored)
+            e2, n2 = _squared_error(kind, approx, v), float(torch.linalg.norm(v)) ** 2
             err2, norm2 = err2 + e2, norm2 + n2
             row.update(kind=kind, rank=r, energy_kept=kept, bytes=sum(t.numel() * t.element_size() for t in stored),
                        rel_error=math.sqrt(e2 / n2))
@@ -302,17 +356,27 @@ class FactorStream:
             yield f"head.{key}", self.experts.expert_tensor(self.name, key).to(torch.float32)
         self.stats = self._stats(per, err2, norm2)
 
-    def _stored(self, v: torch.Tensor, kind: str, r: int) -> tuple[list[torch.Tensor], float]:
-        """What is stored of a nonzero 2-D v_t ([v] dense, [U_r, S_r, V_r], or [] dropped) and the energy it
-        keeps; the SVD's full U is freed on return, before the caller measures the error."""
+    def _stored(self, v: torch.Tensor, kind: str, r: int) -> tuple[list[torch.Tensor], float, list[torch.Tensor]]:
+        """What is stored of a nonzero 2-D v_t ([v] dense, [U_r, S_r, V_r], quantised [U codes, U scales, S_r,
+        V codes, V scales], or [] dropped), the energy it keeps and what a reader gets back ([v'] or [U', S, V']);
+        the SVD's full U is freed on return, before the caller measures the error."""
         if kind == "dense":
-            return [v.to(self.fdt)], 1.0
+            stored = [v.to(self.fdt)]
+            return stored, 1.0, stored
         if kind == "dropped":
-            return [], 0.0
+            return [], 0.0, []
         U, S, V = thin_svd(v)
         energy = S.to(torch.float64) ** 2
-        return ([U[:, :r].to(self.fdt).contiguous(), S[:r].contiguous(), V[:, :r].to(self.fdt).contiguous()],
-                float(energy[:r].sum() / energy.sum()))
+        kept = float(energy[:r].sum() / energy.sum())
+        if not self.quantised:
+            stored = [U[:, :r].to(self.fdt).contiguous(), S[:r].contiguous(), V[:, :r].to(self.fdt).contiguous()]
+            return stored, kept, stored
+        bits, g = self.factor_bits, self.group_size
+        (uq, us), (vq, vs) = quant.quantize(U[:, :r], bits, g), quant.quantize(V[:, :r], bits, g)
+        S = S[:r].contiguous()
+        approx = [quant.dequantize(uq, us, (U.shape[0], r), bits, g), S,
+                  quant.dequantize(vq, vs, (V.shape[0], r), bits, g)]
+        return [uq, us, S, vq, vs], kept, approx
 
     def _stats(self, per: dict[str, dict[str, Any]], err2: float, norm2: float) -> dict[str, Any]:
         live = [r for r in per.values() if r["kind"] != "zero"]
@@ -326,12 +390,16 @@ class FactorStream:
                   "dense_2d_bytes_factor_dtype": sum(r["dense_bytes"] for r in two_d) // 4 * self.itemsize,
                   "ratio": stored_bytes / dense32 if dense32 else 0.0,
                   "rel_error_2d": math.sqrt(err2 / norm2) if norm2 else 0.0}
-        return {"expert": self.name, "factor_dtype": self.factor_dtype, "rank_spec": self.rank_spec.to_dict(),
-                "tensors": per, "totals": totals}
+        out = {"expert": self.name, "factor_dtype": self.factor_dtype, "rank_spec": self.rank_spec.to_dict(),
+               "tensors": per, "totals": totals}
+        if self.quantised:
+            out.update(factor_bits=self.factor_bits, group_size=self.group_size)
+        return out
 
 
 def _squared_error(kind: str, stored: list[torch.Tensor], v: torch.Tensor) -> float:
-    """||v_t - what `stored` gives back||_F^2 for a 2-D v_t of this `kind` (the stored tensors dtype-rounded).
+    """||v_t - what `stored` gives back||_F^2 for a 2-D v_t of this `kind` (the stored tensors dtype-rounded,
+    or dequantised: `stored` is what a reader gets, [U, S, V] or [dense]).
     The low-rank product becomes the difference in place (approx - v_t = -(v_t - approx) exactly, same norm), so
     one more matrix of v_t's size is in memory, not two."""
     if kind == "lowrank":
@@ -377,9 +445,48 @@ class ExclusiveFactors:
                                   f"{source} has {list(shapes[name])}")
 
 
+def _quant_metadata(metadata: Mapping[str, str], where: str) -> tuple[int, int] | None:
+    """(factor_bits, group_size) of a quantised file's metadata, None for an unquantised one."""
+    if "factor_bits" not in metadata:
+        if "group_size" in metadata:
+            raise FactorError(f"{where}: metadata has group_size but no factor_bits")
+        return None
+    if "group_size" not in metadata:
+        raise FactorError(f"{where}: metadata has factor_bits but no group_size")
+    bits, size = metadata["factor_bits"], metadata["group_size"]
+    if not bits.isdigit() or not 2 <= int(bits) <= 8:
+        raise FactorError(f"{where}: metadata factor_bits {bits!r} is not an integer in 2..8")
+    if not size.isdigit() or int(size) < 1:
+        raise FactorError(f"{where}: metadata group_size {size!r} is not an integer >= 1")
+    return int(bits), int(size)
+
+
+def _dequantized(name: str, p: dict[str, torch.Tensor], q: tuple[int, int], where: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, V) float32 of a quantised low-rank tensor's parts {U, U_scales, S, V, V_scales}."""
+    S = p["S"]
+    if S.ndim != 1:
+        raise FactorError(f"{where}: tensor {name} has S of shape {list(S.shape)} (want [r])")
+    out = []
+    for part in "UV":
+        codes = p[part]
+        if codes.ndim != 2:
+            raise FactorError(f"{where}: tensor {name}.{part} has shape {list(codes.shape)}, expected 2-D codes")
+        try:
+            out.append(quant.dequantize(codes, p[f"{part}_scales"], (codes.shape[0], S.shape[0]), *q))
+        except FactorError as exc:
+            raise FactorError(f"{where}: tensor {name}.{part}: {exc}") from None
+    return out[0], S, out[1]
+
+
 def parse_factors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
                   where: str) -> ExclusiveFactors:
-    """Check a factor file's tensors and metadata (FactorError naming `where` and the tensor)."""
+    """Check a factor file's tensors and metadata (FactorError naming `where` and the tensor).
+
+    A quantised file (metadata `factor_bits`, `group_size`) is dequantised here: U and V come back float32
+    (meta tensors stay meta), so an ExclusiveFactors looks the same whatever the file's bits. That is a
+    dequantised cache: in RAM the factors take 4 bytes an element, what float32 factors take (twice a float16
+    file's); quantisation saves disk and transfer only."""
     metadata = dict(metadata or {})
     if metadata.get("format") != FORMAT:
         raise FactorError(f"{where}: format {metadata.get('format')!r}, expected {FORMAT!r}")
@@ -391,12 +498,15 @@ def parse_factors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
         json.loads(metadata["rank_spec"])
     except ValueError as exc:
         raise FactorError(f"{where}: metadata is not valid JSON ({exc})") from None
+    q = _quant_metadata(metadata, where)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     dense, head = {}, {}
     for key, t in tensors.items():
         kind, _, rest = key.partition(".")
         if kind == "lowrank" and rest[-2:] in (".U", ".S", ".V"):
             parts.setdefault(rest[:-2], {})[rest[-1]] = t
+        elif kind == "lowrank" and rest[-9:] in (".U_scales", ".V_scales") and len(rest) > 9:
+            parts.setdefault(rest[:-9], {})[rest[-8:]] = t
         elif kind == "dense" and rest:
             dense[rest] = t
         elif kind == "head" and rest:
@@ -405,9 +515,13 @@ def parse_factors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
             raise FactorError(f"{where}: unexpected tensor {key}")
     lowrank = {}
     for name, p in parts.items():
-        if set(p) != {"U", "S", "V"}:
-            raise FactorError(f"{where}: tensor {name} has {'/'.join(sorted(p))} but needs U, S and V")
-        U, S, V = p["U"], p["S"], p["V"]
+        if q is None and set(p) != {"U", "S", "V"}:
+            extra = " (scales, but the metadata has no factor_bits)" if set(p) & set(SCALES) else ""
+            raise FactorError(f"{where}: tensor {name} has {'/'.join(sorted(p))} but needs U, S and V{extra}")
+        if q is not None and set(p) != {"U", "S", "V", *SCALES}:
+            raise FactorError(f"{where}: tensor {name} has {'/'.join(sorted(p))} but {q[0]}-bit factors need "
+                              "U, U_scales, S, V and V_scales")
+        U, S, V = _dequantized(name, p, q, where) if q is not None else (p["U"], p["S"], p["V"])
         if U.ndim != 2 or S.ndim != 1 or V.ndim != 2 or not U.shape[1] == S.shape[0] == V.shape[1]:
             raise FactorError(f"{where}: tensor {name} has inconsistent factor shapes U {list(U.shape)}, "
                               f"S {list(S.shape)}, V {list(V.shape)} (want [m, r], [r], [n, r])")
@@ -427,6 +541,11 @@ def write_factors(path: str | Path, stream: FactorStream, metadata: Mapping[str,
     """Write a factor file as `stream` produces it, one tensor in memory at a time (`SafetensorsWriter`:
     atomic, the same bytes as `save_factors` of the collected tensors), after validating its planned tensors
     as `load_factors` would."""
+    if (metadata.get("factor_bits"), metadata.get("group_size")) != (
+            (None, None) if not stream.quantised else (str(stream.factor_bits), str(stream.group_size))):
+        raise FactorError(f"{path}: metadata factor_bits/group_size {metadata.get('factor_bits')}/"
+                          f"{metadata.get('group_size')} differ from the stream's {stream.factor_bits}/"
+                          f"{stream.group_size}")
     parse_factors({name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in stream.specs},
                   metadata, str(path))
     with SafetensorsWriter(path, stream.specs, metadata) as out:

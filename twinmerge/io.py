@@ -180,8 +180,18 @@ def _bare_backbone_prefix(base_keys: set[str], expert_keys: set[str]) -> str:
     return f"{best}." if best is not None and counts[best] * 2 >= len(base_keys) else ""
 
 
+def open_expert(folder: str | Path, name: str, allow_pickle: bool, base: Checkpoint,
+                base_name: str | None = None) -> Checkpoint:
+    """An expert folder: a full checkpoint, or a PEFT LoRA adapter folder (adapter_config.json) presented as the
+    full checkpoint it stands for (`twinmerge.lora.LoraExpert`; `base_name` is the base's registered name)."""
+    from .lora import open_expert as open_lora_or_full
+
+    return open_lora_or_full(folder, name, allow_pickle, base, base_name)
+
+
 class ExpertSet:
     """A base checkpoint and n experts fine-tuned from it, validated against each other.
+    An expert folder may be a PEFT LoRA adapter trained on the base (see `open_expert`).
 
     Canonical names are the experts' tensor names. `base_key(k)` maps one to the base's name: identity, or
     `k` minus the experts' backbone prefix ("bert.") when the base is a bare backbone. Key classes:
@@ -192,7 +202,7 @@ class ExpertSet:
     """
 
     def __init__(self, base: str | Path, experts: Mapping[str, str | Path] | Iterable[tuple[str, str | Path]],
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, base_name: str | None = None):
         pairs = list(experts.items()) if isinstance(experts, Mapping) else list(experts)
         if not pairs:
             raise CheckpointError("no experts given")
@@ -201,7 +211,7 @@ class ExpertSet:
         for name, folder in pairs:
             if name in self.experts:
                 raise CheckpointError(f"duplicate expert name {name!r} ({folder} and {self.experts[name].folder})")
-            self.experts[name] = Checkpoint(folder, name, allow_pickle)
+            self.experts[name] = open_expert(folder, name, allow_pickle, self.base, base_name)
         self.names = list(self.experts)
         first = self.experts[self.names[0]]
         self._check_configs()
