@@ -145,6 +145,17 @@ class DataParams(_Strict):
         return v
 
 
+class LoraParams(_Strict):
+    """PEFT LoRA fine-tuning of the zoo's experts instead of full fine-tunes: rank `r`, `alpha` (scaling
+    alpha / r), the target modules (module-name suffixes, matched by PEFT) and LoRA dropout. The classification
+    head is trained in full (PEFT's modules_to_save for sequence classification)."""
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.]*$")]] = Field(
+        default_factory=lambda: ["query", "key", "value", "dense"], min_length=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
 class ZooParams(_Strict):
     experts_dir: str = "data/experts"
     max_length: int = Field(64, ge=8, le=512)
@@ -154,6 +165,7 @@ class ZooParams(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     threads: int = Field(2, ge=1)
+    lora: LoraParams | None = None  # None: full fine-tunes; set: each expert is a PEFT LoRA adapter folder
 
 
 class HubSource(_Strict):

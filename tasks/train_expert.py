@@ -1,12 +1,14 @@
 """`twinmerge train-expert --task <task>`: fine-tune one expert of the embedded zoo.
 
-A full fine-tune of the base (all weights) with a fresh classification head
+A full fine-tune of the base (all weights), or with `zoo.lora` a PEFT LoRA adapter (plus the head), with a fresh
+classification head
 (`AutoModelForSequenceClassification`, `num_labels`, `id2label`/`label2id` from the task's labels.json), on the
 task's train split (seeded shuffles, length-grouped batches: windows of 8 batches sorted by length); AdamW (no decay on biases and LayerNorm weights) and a linear schedule with warm-up, a plain
 torch loop (no Trainer), seeded, `zoo.threads` torch threads (at most OMP_NUM_THREADS), dynamic padding up to `zoo.max_length`.
 
 Writes `<experts_dir>/<task>/` atomically (temp folder, then rename) in Hugging Face layout
-(model.safetensors, config.json, tokenizer files) plus `scores.json`: validation and test accuracy and
+(model.safetensors, config.json, tokenizer files; LoRA: adapter_config.json, adapter_model.safetensors and the
+labels in twinmerge_adapter.json) plus `scores.json`: validation and test accuracy and
 macro-F1, the majority-class baseline on test (class chosen on train), the final loss and the params used: the
 folder is a pure function of the inputs and the seed (byte-identical on a re-run), so DVC and the registry's
 fingerprints see a re-trained expert as unchanged. Wall-clock timings go to `logs/timings/train_expert-<task>.json`
@@ -75,6 +77,20 @@ def length_grouped_batches(lengths: list[int], batch_size: int, gen, group: int 
     return [batches[o] for o in order]
 
 
+def _with_lora(model, lora, base):
+    """`model` wrapped by PEFT with a LoRA adapter (seeded init: the caller seeded torch); the adapter's
+    `base_model_name_or_path` is the base's own name (its config.json's `_name_or_path`, else the folder)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules,
+                        lora_dropout=lora.dropout)
+    model = get_peft_model(model, config)
+    base_config = Path(base) / "config.json"
+    name = json.loads(base_config.read_text()).get("_name_or_path") if base_config.is_file() else None
+    model.peft_config["default"].base_model_name_or_path = name or str(base)
+    return model
+
+
 def train_expert(task: str, params, out_dir: str | Path | None = None, progress: bool = True,
                  timings_dir: str | Path = TIMINGS_DIR) -> dict:
     """Fine-tune the expert of `task`; write it to `<experts_dir>/<task>` (or out_dir) and its wall-clock
@@ -103,6 +119,8 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
         base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
         local_files_only=local, **extra)
     model.config.problem_type = "single_label_classification"
+    if zoo.lora:
+        model = _with_lora(model, zoo.lora, base)
 
     texts = splits["train"]["text"].tolist()
     labels = torch.tensor(splits["train"]["label"].to_numpy(), dtype=torch.long)
@@ -110,10 +128,10 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
     steps_per_epoch = math.ceil(n / zoo.batch_size)
     total_steps = max(1, math.ceil(zoo.epochs * steps_per_epoch))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    trained = [(k, p) for k, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapter and the head
     groups = [
-        {"params": [p for k, p in model.named_parameters() if not any(x in k for x in no_decay)],
-         "weight_decay": zoo.weight_decay},
-        {"params": [p for k, p in model.named_parameters() if any(x in k for x in no_decay)], "weight_decay": 0.0},
+        {"params": [p for k, p in trained if not any(x in k for x in no_decay)], "weight_decay": zoo.weight_decay},
+        {"params": [p for k, p in trained if any(x in k for x in no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=zoo.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(round(zoo.warmup_ratio * total_steps)), total_steps)
@@ -155,11 +173,15 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
     scores["majority_baseline"] = {"label": names[majority], "test_accuracy": accuracy(np.full_like(y_test, majority), y_test),
                                    "test_macro_f1": macro_f1(np.full_like(y_test, majority), y_test)}
     scores["train"] = {"n": n, "steps": total_steps, "final_loss": float(np.mean(losses[-20:]))}
-    scores["params"] = {"seed": params.seed, "base": str(base), **zoo.model_dump(exclude={"experts_dir"})}
+    scores["params"] = {"seed": params.seed, "base": str(base),
+                        **zoo.model_dump(exclude={"experts_dir"} | ({"lora"} if zoo.lora is None else set()))}
     scores["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
 
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)  # LoRA: adapter_config.json + adapter_model.safetensors
+        if zoo.lora:  # the labels, where twinmerge.lora reads them (a config.json would look like a full model)
+            labels = {k: getattr(model.config, k) for k in ("num_labels", "id2label", "label2id", "problem_type")}
+            (tmp / "twinmerge_adapter.json").write_text(json.dumps({"expert": task, "labels": labels}, indent=2))
         tokenizer.save_pretrained(tmp)
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     timings = {"task": task, "train_seconds": round(train_s, 2), "eval_seconds": round(time.perf_counter() - t1, 2)}

@@ -490,3 +490,48 @@ def test_train_expert_output_is_byte_identical_and_timings_stay_outside(tmp_path
     timings = json.loads((tmp_path / "logs" / "train_expert-toy.json").read_text())
     assert timings["task"] == "toy" and timings["train_seconds"] >= 0
 
+
+
+def test_train_expert_with_lora_writes_an_adapter_the_pipeline_reads(tmp_path):
+    """zoo.lora: the expert is a PEFT LoRA adapter folder (adapter + labels + scores, no full weights), byte for
+    byte the same on a re-run; ExpertSet reads it as the full expert, with the task's labels, and its tensors
+    give the scores train_expert reported (the head and the LoRA targets changed, nothing else)."""
+    import torch
+
+    from tasks.params import ZooParams
+    from tasks.train_expert import train_expert
+    from twinmerge.io import ExpertSet
+    from twinmerge.lora import LoraExpert
+
+    params = _tiny_expert_inputs(tmp_path)
+    params.zoo = ZooParams(**{**params.zoo.model_dump(), "lr": 5e-3,
+                              "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}})
+    runs = [tmp_path / "run1", tmp_path / "run2"]
+    for out in runs:
+        train_expert("toy", params, out_dir=out, progress=False, timings_dir=tmp_path / "logs")
+    first = _folder_bytes(runs[0])
+    assert first == _folder_bytes(runs[1])
+    assert {"adapter_config.json", "adapter_model.safetensors", "twinmerge_adapter.json", "scores.json"} <= set(first)
+    assert "model.safetensors" not in first and "config.json" not in first
+    scores = json.loads(first["scores.json"])
+    assert scores["params"]["lora"] == {"r": 4, "alpha": 8.0, "target_modules": ["query", "value"], "dropout": 0.0}
+    experts = ExpertSet(params.base.path, {"toy": runs[0]})
+    expert = experts.experts["toy"]
+    assert isinstance(expert, LoraExpert) and expert.config["id2label"] == {"0": "neg", "1": "pos"}
+    changed = {k for k in experts.mergeable_keys() if not torch.equal(experts.expert_tensor("toy", k),
+                                                                      experts.base_tensor(k))}
+    assert changed and all(k.endswith(("query.weight", "value.weight")) for k in changed)
+    assert experts.head_keys() == ["classifier.bias", "classifier.weight"]
+
+
+def test_lora_profile_is_the_default_with_a_lora_zoo():
+    """profiles/lora.yaml differs from params.yaml only in zoo (its own experts_dir, lr, lora) and in the
+    experts' paths, which point into that experts_dir: the same tasks, methods and pipeline."""
+    root = Path(__file__).resolve().parent.parent
+    default, lora = (load_params(p).model_dump() for p in (root / "params.yaml", root / "profiles" / "lora.yaml"))
+    assert lora["zoo"]["lora"] is not None and default["zoo"]["lora"] is None
+    for name, spec in lora["experts"].items():
+        assert spec["path"] == f"{lora['zoo']['experts_dir']}/{name}"
+        assert {**spec, "path": None} == {**default["experts"][name], "path": None}
+    assert {k: v for k, v in lora.items() if k not in ("zoo", "experts")} == \
+        {k: v for k, v in default.items() if k not in ("zoo", "experts")}

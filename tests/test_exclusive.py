@@ -10,6 +10,7 @@ import twinmerge.exclusive as ex
 from twinmerge.errors import FactorError
 from twinmerge.exclusive import (FORMAT, RankSpec, allocate_budget, bytes_per_rank, compress_expert,
                                  factor_metadata, load_factors, parse_factors, save_factors, thin_svd)
+from tiny_models import at_thread_counts
 from twinmerge.io import ExpertSet
 from twinmerge.merge import build_shared_expert
 
@@ -297,13 +298,4 @@ def test_svd_bytes_do_not_depend_on_thread_count():
     """Factor files must be byte-identical run to run: MKL's float32 SVD of a tall matrix differs with the
     thread count, so thin_svd runs single-threaded whatever the caller set."""
     a = torch.randn(3000, 96, generator=_gen(5))
-    results = []
-    for threads in (1, 2):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            results.append(thin_svd(a))
-        finally:
-            torch.set_num_threads(before)
-        assert torch.get_num_threads() == before
-    assert all(torch.equal(x, y) for x, y in zip(*results))
+    assert all(torch.equal(x, y) for x, y in zip(*at_thread_counts(lambda: thin_svd(a))))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import twinmerge.exclusive as ex
 from tasks.params import ParamsError, load_params
 from test_routed import _assert_mixed_routing_equals_materialize, _batch
-from tiny_models import make_base, make_experts, make_set
+from tiny_models import at_thread_counts, make_base, make_experts, make_set
 from twinmerge import quant
 from twinmerge.errors import FactorError
 from twinmerge.exclusive import (FactorStream, RankSpec, compress_expert, factor_metadata, load_factors,
@@ -96,15 +96,8 @@ def test_int4_layout_low_nibble_first_and_byte_counts():
 
 def test_deterministic_bytes():
     x = torch.randn(300, 40, generator=_gen(3))
-    results = []
-    for threads in (1, 2):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            results += [quant.quantize(x, bits, 64) for bits in (8, 4)]
-        finally:
-            torch.set_num_threads(before)
-    for a, b in zip(results[:2], results[2:]):
+    one, two = at_thread_counts(lambda: [quant.quantize(x, bits, 64) for bits in (8, 4)])
+    for a, b in zip(one, two):
         assert all(torch.equal(t, u) for t, u in zip(a, b))
         assert a[0].numpy().tobytes() == b[0].numpy().tobytes()
 
@@ -413,3 +406,38 @@ def test_params_validation(tmp_path, field, value, message):
         load_params(path)
     assert "\n" not in str(info.value)
     assert load_params("profiles/smoke.yaml").compress.factor_bits == 16
+
+
+# --- byte budgets count the bits ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m, n, g", [(50, 30, 64), (64, 48, 16), (7, 129, 5)])
+def test_factor_bytes_are_the_stored_bytes(m, n, g):
+    for bits in (8, 4):
+        for r in range(0, 6):
+            want = (quant.stored_bytes((m, r), bits, g) + quant.stored_bytes((n, r), bits, g) + 4 * r) if r else 0
+            assert ex.factor_bytes(m, n, r, 2, bits, g) == want
+    assert ex.factor_bytes(m, n, 3, 2) == 3 * ex.bytes_per_rank(m, n, 2) == 3 * ((m + n) * 2 + 4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_budget_buys_more_rank_at_fewer_bits_and_holds_exactly(merged, bits):
+    """budget_fraction with quantised factors: ranks chosen against the bits' bytes, so the same budget keeps
+    more triplets than float16 factors, and the stored low-rank bytes stay within it (exactly: packed int4
+    codes of an odd rank are charged their byte column)."""
+    es, shared = merged
+    spec = RankSpec("budget_fraction", 0.2)
+    _, s16 = compress_expert(es, shared, "task1", spec, "float16", progress=False)
+    tq, sq = compress_expert(es, shared, "task1", spec, "float16", progress=False, factor_bits=bits, group_size=16)
+    budget = int(0.2 * s16["totals"]["dense_2d_bytes_factor_dtype"])
+    assert sq["totals"]["lowrank_bytes"] <= budget and s16["totals"]["lowrank_bytes"] <= budget
+    rank = lambda stats: sum(r["rank"] or 0 for r in stats["tensors"].values() if r["kind"] == "lowrank")  # noqa: E731
+    assert rank(sq) > 1.5 * rank(s16)
+    largest_step = max(ex.bytes_per_rank(*r["shape"], 2, bits, 16) for r in sq["tensors"].values()
+                       if r["kind"] == "lowrank")
+    assert sq["totals"]["lowrank_bytes"] > budget - 2 * largest_step - 64  # the budget is used, not wasted
+    for key, row in sq["tensors"].items():
+        if row["kind"] == "lowrank":
+            m, n = row["shape"]
+            assert row["bytes"] == ex.factor_bytes(m, n, row["rank"], 2, bits, 16) == sum(
+                tq[f"lowrank.{key}.{p}"].numel() * tq[f"lowrank.{key}.{p}"].element_size()
+                for p in ("U", "U_scales", "S", "V", "V_scales"))

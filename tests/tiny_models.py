@@ -76,3 +76,17 @@ def make_set(tmp: str | Path, arch: str = "bert", bare_backbone: bool = False, n
     """A base and its experts under `tmp`: (base_folder, {name: folder})."""
     base = make_base(tmp, arch, bare_backbone, seed)
     return base, make_experts(tmp, base, num_labels, seed + 1)
+
+
+def at_thread_counts(fn, counts=(1, 2)) -> list:
+    """[fn() with torch.set_num_threads(n) for n in counts]; the caller's thread count is restored after each."""
+    results = []
+    for threads in counts:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results.append(fn())
+        finally:
+            torch.set_num_threads(before)
+        assert torch.get_num_threads() == before
+    return results

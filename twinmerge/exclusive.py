@@ -14,8 +14,8 @@ every low-rank tensor are stored as `twinmerge.quant` codes + float16 scales (gr
 column), under `lowrank.<name>.U` / `.V` with `lowrank.<name>.U_scales` / `.V_scales`; S stays float32 [r]
 (r * 4 bytes; kept separate rather than folded into U: per-column scales absorb it either way, so folding would
 change no code, and S stays the true singular values). Dense, head and S tensors are stored as unquantised.
-The metadata then also holds `factor_bits` and `group_size`. Ranks and the dense-or-factors choice do not
-depend on the bits (budgets count factor-dtype bytes), so a quantised file keeps the same ranks, smaller.
+The metadata then also holds `factor_bits` and `group_size`. Rank and fraction modes keep their ranks at any
+bits (smaller files); byte budgets count the bits' bytes (`factor_bytes`), so a budget buys more rank at fewer bits.
 `load_factors` dequantises on load (float32 U, V): the saving is on disk and in transfer, not in RAM.
 """
 import json
@@ -104,32 +104,52 @@ class RankSpec:
         raise FactorError(f"rank spec {self.mode}: ranks come from {source}, not rank_for_size")
 
 
-def bytes_per_rank(m: int, n: int, itemsize: int) -> int:
-    """Bytes one singular triplet costs: a column of U [m] and of V [n] in the factor dtype, one float32 s."""
-    return (m + n) * itemsize + 4
+def bytes_per_rank(m: int, n: int, itemsize: int, factor_bits: int = UNQUANTISED, group_size: int = 64) -> float:
+    """Bytes one singular triplet costs: a column of U [m] and of V [n] in the factor dtype, one float32 s.
+    Quantised (factor_bits 2..8): per column k * bits / 8 bytes of codes + ceil(k / group_size) float16 scales
+    (the average: packed codes of an odd rank round up, see `factor_bytes`)."""
+    if factor_bits == UNQUANTISED:
+        return (m + n) * itemsize + 4
+    column = lambda k: k * factor_bits / 8 + math.ceil(k / group_size) * quant.SCALE_DTYPE.itemsize  # noqa: E731
+    return column(m) + column(n) + 4
 
 
-def allocate_budget(spectra: Mapping[str, tuple[torch.Tensor, int, int]], budget: int,
-                    itemsize: int) -> dict[str, int]:
+def factor_bytes(m: int, n: int, r: int, itemsize: int, factor_bits: int = UNQUANTISED,
+                 group_size: int = 64) -> int:
+    """Exact stored bytes of rank-r factors of an [m, n] matrix: U and V (factor dtype, or codes + scales,
+    `twinmerge.quant.stored_bytes`) and S (float32)."""
+    if factor_bits == UNQUANTISED or r == 0:
+        return r * ((m + n) * itemsize + 4)
+    return (quant.stored_bytes((m, r), factor_bits, group_size) + quant.stored_bytes((n, r), factor_bits, group_size)
+            + 4 * r)
+
+
+def allocate_budget(spectra: Mapping[str, tuple[torch.Tensor, int, int]], budget: int, itemsize: int,
+                    factor_bits: int = UNQUANTISED, group_size: int = 64) -> dict[str, int]:
     """Ranks {name: r} for matrices {name: (s, m, n)} maximising the kept energy sum_i sum_{j<=r_i} s_ij^2
-    subject to sum_i r_i * bytes_per_rank(m_i, n_i) <= budget.
+    subject to sum_i factor_bytes(m_i, n_i, r_i) <= budget (quantised factors: the bits' bytes, so a budget buys
+    more rank at fewer bits).
 
     Greedy by gain per byte s_ij^2 / bytes_per_rank_i. Within a matrix the ratios are non-increasing, so the
-    greedy order always extends a prefix (a valid rank). This is the exact optimum of the fractional
-    relaxation; the integer solution loses at most the gain of one triplet per matrix that hit the budget
-    edge (equal to the optimum when all matrices have the same bytes per rank).
+    greedy order always extends a prefix (a valid rank). Each step is charged its exact marginal bytes (packed
+    int4 codes cost a byte column every second rank), so the budget holds exactly. Unquantised, this is the
+    exact optimum of the fractional relaxation; the integer solution loses at most the gain of one triplet per
+    matrix that hit the budget edge (equal to the optimum when all matrices have the same bytes per rank).
     """
     ranks = {name: 0 for name in spectra}
     items = []
     for name, (s, m, n) in spectra.items():
-        cost = bytes_per_rank(m, n, itemsize)
-        items += [(float(sj) ** 2 / cost, name, j, cost) for j, sj in enumerate(s.tolist()) if sj > 0]
+        cost = bytes_per_rank(m, n, itemsize, factor_bits, group_size)
+        items += [(float(sj) ** 2 / cost, name, j) for j, sj in enumerate(s.tolist()) if sj > 0]
     items.sort(key=lambda it: -it[0])
     used = 0
-    for _, name, j, cost in items:
-        if ranks[name] == j and used + cost <= budget:
+    for _, name, j in items:
+        _, m, n = spectra[name]
+        step = factor_bytes(m, n, j + 1, itemsize, factor_bits, group_size) - factor_bytes(
+            m, n, j, itemsize, factor_bits, group_size)
+        if ranks[name] == j and used + step <= budget:
             ranks[name] += 1
-            used += cost
+            used += step
     return ranks
 
 
@@ -288,14 +308,19 @@ class FactorStream:
         if self.rank_spec.is_budget:
             budget = int(self.rank_spec.value) if self.rank_spec.mode == "budget_bytes" else math.floor(
                 self.rank_spec.value * sum(m * n * self.itemsize for _, m, n in spectra.values()))
-            for key, r in allocate_budget(spectra, budget, self.itemsize).items():
+            for key, r in allocate_budget(spectra, budget, self.itemsize, self.factor_bits,
+                                          self.group_size).items():
                 plan[key] = self._storage(*spectra[key][1:], r)
         return {key: plan[key] for key in keys}
 
-    @staticmethod
-    def _storage(m: int, n: int, r: int) -> tuple[str, int]:
-        """How a nonzero [m, n] v_t of rank budget r is stored: dense when factors would not be smaller."""
-        if r * (m + n + 1) >= m * n:
+    def _storage(self, m: int, n: int, r: int) -> tuple[str, int]:
+        """How a nonzero [m, n] v_t of rank budget r is stored: dense (in the factor dtype) when factors would not
+        be smaller, r (m + n + 1) >= m n elements; quantised, when `factor_bytes` >= m n * itemsize or r is full
+        (r = min(m, n): not low rank, and dense is exact where codes are not)."""
+        dense = r * (m + n + 1) >= m * n if not self.quantised else (
+            r >= min(m, n) or factor_bytes(m, n, r, self.itemsize, self.factor_bits, self.group_size)
+            >= m * n * self.itemsize)
+        if dense:
             return "dense", min(m, n)
         return ("dropped", 0) if r == 0 else ("lowrank", r)
 
