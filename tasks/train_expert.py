@@ -10,9 +10,10 @@ Writes `<experts_dir>/<task>/` atomically (temp folder, then rename) in Hugging 
 (model.safetensors, config.json, tokenizer files; LoRA: adapter_config.json, adapter_model.safetensors and the
 labels in twinmerge_adapter.json) plus `scores.json`: validation and test accuracy and
 macro-F1, the majority-class baseline on test (class chosen on train), the final loss and the params used: the
-folder is a pure function of the inputs and the seed (byte-identical on a re-run), so DVC and the registry's
-fingerprints see a re-trained expert as unchanged. Wall-clock timings go to `logs/timings/train_expert-<task>.json`
-(git-ignored, no stage's dependency or output).
+folder is a pure function of the inputs, the seed and the thread count (byte-identical on a re-run with as many
+threads: min(zoo.threads, OMP_NUM_THREADS), which the flow's CPU split sets; float reductions differ with it),
+so DVC and the registry's fingerprints see a re-trained expert as unchanged. Wall-clock timings go to
+`logs/timings/train_expert-<task>.json` (git-ignored, no stage's dependency or output).
 """
 import json
 import logging
