@@ -5,14 +5,59 @@ Writes `artifacts/exclusive/<expert>.safetensors` (format in docs/DESIGN.md) and
 `compress.factor_bits` 8 or 4 the factors are quantised (bytes count codes + scales; twinmerge/quant.py).
 Streamed: the shared model is read one tensor at a time (`SharedModel`) and each factor is written as it is
 computed (`write_factors`), so memory is about 3x the largest tensor, never a model.
+
+LoRA experts (`lowrank_plan`): when the compressed expert and every expert merged into the shared model are PEFT
+LoRA adapters and the shared model's merge report (its twinmerge.json) says a linear merge of every mergeable
+tensor (task_arithmetic: lambda = scaling; weight_average: 1 / n), v_t = L @ R is known in low-rank form and the
+LoRA-covered matrices are factored from it (`twinmerge.exclusive.linear_merge_source`) without forming m x n.
+Otherwise (full fine-tunes: the default pipeline) the dense path runs, the files byte-identical to before.
+One INFO line says which path was taken and for how many tensors.
 """
+import json
+import logging
 from pathlib import Path
 
 from tasks.params import Params, load_params, stage_item
 from twinmerge.errors import FactorError
-from twinmerge.exclusive import FactorStream, RankSpec, factor_metadata, write_factors
+from twinmerge.exclusive import FactorStream, LowRankSource, RankSpec, factor_metadata, linear_merge_source, \
+    write_factors
 from twinmerge.io import ExpertSet, write_json_atomic
-from twinmerge.shared import SharedModel
+from twinmerge.lora import is_adapter_folder
+from twinmerge.shared import SHARED_META, SharedModel
+
+log = logging.getLogger(__name__)
+
+
+def merge_lambdas(report: dict) -> dict[str, float] | None:
+    """{expert: lambda} of a shared model's merge report when theta_s = theta_0 + sum_s lambda_s Delta W_s on
+    every mergeable tensor (task_arithmetic: scaling * sum; weight_average: the mean, 1 / n), else None."""
+    method, experts = report.get("method"), report.get("experts") or []
+    if report.get("kept") != [] or not experts:
+        return None
+    if method == "task_arithmetic":
+        return {name: float(report["options"]["scaling"]) for name in experts}
+    if method == "weight_average":
+        return {name: 1.0 / len(experts) for name in experts}
+    return None
+
+
+def lowrank_plan(shared_dir: str | Path, expert: str, base_dir: str | Path, checkpoints_dir: str | Path
+                 ) -> tuple[LowRankSource | None, str]:
+    """(low-rank source, why) for compressing `expert` against the shared model in `shared_dir`: a source when
+    it is exact (every involved expert a LoRA adapter folder, a linear merge of every tensor: `merge_lambdas`),
+    else None and the reason. Only the shared model's twinmerge.json and the folders' adapter configs are read
+    before the decision: full-weight experts cost nothing more than before."""
+    report = json.loads((Path(shared_dir) / SHARED_META).read_text()).get("merge", {})
+    lambdas = merge_lambdas(report)
+    if lambdas is None:
+        return None, f"the shared merge ({report.get('method')}, {len(report.get('kept', []))} tensors kept) " \
+                     "is not linear over every tensor"
+    names = [expert] + [n for n in lambdas if n != expert]
+    full = [n for n in names if not is_adapter_folder(Path(checkpoints_dir) / n)]
+    if full:
+        return None, f"expert(s) {', '.join(full)} not LoRA adapters"
+    pool = ExpertSet(base_dir, {n: Path(checkpoints_dir) / n for n in names})
+    return linear_merge_source(pool, expert, lambdas), f"LoRA experts, {report['method']} merge"
 
 
 def compress(params: Params, expert: str, shared_dir: str | Path = "artifacts/shared",
@@ -23,8 +68,14 @@ def compress(params: Params, expert: str, shared_dir: str | Path = "artifacts/sh
     pool = ExpertSet(base_dir, {expert: Path(checkpoints_dir) / expert})  # the shared model carries the others
     rank_spec = RankSpec(params.compress.rank.mode, params.compress.rank.value)
     c = params.compress
-    stream = FactorStream(pool, SharedModel(shared_dir), expert, rank_spec, c.dtype, progress, c.factor_bits,
-                          c.group_size)
+    shared = SharedModel(shared_dir)  # CheckpointError naming the folder before its report is read
+    source, why = lowrank_plan(shared_dir, expert, base_dir, checkpoints_dir)
+    stream = FactorStream(pool, shared, expert, rank_spec, c.dtype, progress, c.factor_bits, c.group_size, source)
+    n = len(stream.plan)
+    if source is None:
+        log.info("compress %s: dense path for all %d tensors (%s)", expert, n, why)
+    else:
+        log.info("compress %s: low-rank path for %d of %d tensors (%s)", expert, len(stream.lowrank_keys), n, why)
     out_dir = Path(out_dir)
     metadata = factor_metadata(expert, pool.experts[expert].config, rank_spec, c.dtype, c.factor_bits, c.group_size)
     write_factors(out_dir / f"{expert}.safetensors", stream, metadata)

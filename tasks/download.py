@@ -9,6 +9,8 @@
   with a manifest; `copy_task_data` copies the expert's task tables beside it. `expert add` runs the same
   checks.
 """
+import fnmatch
+import glob
 import json
 import logging
 import re
@@ -41,16 +43,27 @@ def _checkpoint_files(folder: Path) -> list[Path]:
 
 
 def _with_retries(fn, what: str, attempts: int = 4, first_delay: float = 2.0):
-    """Call fn(); on an exception retry with exponential backoff, then raise SourceError naming `what`."""
+    """Call fn(); on an exception retry with exponential backoff, then raise a one-line SourceError naming `what`.
+
+    An HTTP 4xx answer (repo, revision or file not found, no access; not 408/429) is final: raised at once."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as e:  # network errors come in many types (requests, httpx, OSError)
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+                raise SourceError(f"{what}: {type(e).__name__}: {_one_line(e)}") from None
             if attempt == attempts:
-                raise SourceError(f"{what}: failed after {attempts} attempts: {type(e).__name__}: {e}") from None
+                raise SourceError(f"{what}: failed after {attempts} attempts: {type(e).__name__}: "
+                                  f"{_one_line(e)}") from None
             delay = first_delay * 2 ** (attempt - 1)
-            log.warning("%s: attempt %d failed (%s); retrying in %.0fs", what, attempt, e, delay)
+            log.warning("%s: attempt %d failed (%s); retrying in %.0fs", what, attempt, _one_line(e), delay)
             time.sleep(delay)
+
+
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line (huggingface_hub's span several)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 def is_commit(revision: str) -> bool:
@@ -72,16 +85,23 @@ def fetch_hub(source: HubSource, out_dir: str | Path, api=None, snapshot_downloa
     api = api or huggingface_hub.HfApi()
     snapshot_download = snapshot_download or huggingface_hub.snapshot_download
     what = f"hub {source.repo_id}@{source.revision}" + (f"/{source.subfolder}" if source.subfolder else "")
-    commit = _with_retries(lambda: api.model_info(source.repo_id, revision=source.revision).sha, what,
-                           first_delay=retry_delay)
+    info = _with_retries(lambda: api.model_info(source.repo_id, revision=source.revision), what,
+                         first_delay=retry_delay)
+    commit = info.sha
     if not is_commit(source.revision):
         log.warning("%s: revision %r is a branch or tag, resolved to commit %s for this fetch only; pin "
                     "revision: %s in params for the same files on every machine", what, source.revision, commit, commit)
     log.info("%s: commit %s", what, commit)
     prefix = f"{source.subfolder.strip('/')}/" if source.subfolder else ""
+    wanted = [prefix + p for p in CHECKPOINT_PATTERNS]
+    if getattr(info, "siblings", None) is not None:  # the commit's file list: exactly the folder's own files
+        # (a pattern's "*" also matches "/": "*.safetensors" would fetch every subfolder's weights too)
+        wanted = [glob.escape(s.rfilename) for s in info.siblings if s.rfilename.startswith(prefix)
+                  and "/" not in s.rfilename[len(prefix):]
+                  and any(fnmatch.fnmatchcase(s.rfilename[len(prefix):], p) for p in CHECKPOINT_PATTERNS)]
     with tempfile.TemporaryDirectory(prefix="twinmerge-hub-") as snapshot, atomic_dir(out_dir) as staged:
         _with_retries(lambda: snapshot_download(repo_id=source.repo_id, revision=commit, local_dir=snapshot,
-                                                allow_patterns=[prefix + p for p in CHECKPOINT_PATTERNS]),
+                                                allow_patterns=wanted),
                       what, first_delay=retry_delay)
         files = _checkpoint_files(Path(snapshot) / prefix)
         if not any(f.suffix == ".safetensors" for f in files):

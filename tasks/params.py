@@ -195,8 +195,12 @@ class ExpertSpec(_Strict):
     @field_validator("metric")
     @classmethod
     def _classification_metric(cls, v):
-        from twinmerge.metrics import CLASSIFICATION_METRICS, METRICS
+        from twinmerge.metrics import CLASSIFICATION_METRICS, GENERATIVE_METRICS, METRICS
 
+        if v in GENERATIVE_METRICS:
+            raise ValueError(f"{v} is a generative metric; the pipeline's stages evaluate classification experts "
+                             "only (generative tasks are scored by the library's twinmerge.genpool, not by a "
+                             f"stage yet); use one of {', '.join(CLASSIFICATION_METRICS)}")
         if v in METRICS and v not in CLASSIFICATION_METRICS:
             raise ValueError(f"{v} is a regression metric; twinmerge evaluates classification experts only "
                              f"(argmax over class logits); use one of {', '.join(CLASSIFICATION_METRICS)}")
@@ -255,11 +259,25 @@ class RankParams(_Strict):
 class CompressParams(_Strict):
     """Exclusive-knowledge factors: ranks, the dtype of unquantised factors and dense 2-D deltas, and
     `factor_bits`: 16 = U, V in `dtype` (unquantised, the files as before); 8 or 4 = U, V quantised
-    (twinmerge.quant: symmetric absmax, float16 scales per `group_size` rows of each column)."""
+    (twinmerge.quant: symmetric absmax, float16 scales per `group_size` rows of each column); or a mixed-precision
+    schedule, a list of [share, bits] pairs (shares > 0 summing to 1, bits in 2..8) covering the rank in order of
+    singular value, e.g. [[0.25, 8], [0.75, 4]]: the first ceil(0.25 r) columns of U, V in int8, the rest int4
+    (split rule: twinmerge.quant.segments; format: twinmerge.exclusive)."""
     rank: RankParams = Field(default_factory=RankParams)
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    factor_bits: Literal[16, 8, 4] = 16
+    factor_bits: int | list[tuple[float, int]] = 16
     group_size: int = Field(64, ge=1)
+
+    @field_validator("factor_bits", mode="before")
+    @classmethod
+    def _bits_or_schedule(cls, v):
+        from twinmerge.exclusive import check_factor_bits
+
+        if isinstance(v, list):
+            check_factor_bits(v)  # FactorError (a ValueError), one line: what a schedule must be
+        elif type(v) is not int or v not in (16, 8, 4):
+            raise ValueError("Input should be 16, 8 or 4, or a list of [share, bits] pairs (a bits schedule)")
+        return v
 
 
 class RouterParams(_Strict):

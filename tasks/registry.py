@@ -286,9 +286,10 @@ def validate_expert(name: str, folder: str | Path, base: str | Path) -> dict:
     """ExpertSet(base, {name: folder}) + check_finite; any problem -> one-line CheckpointError. Returns the
     expert's config (a LoRA adapter folder's: the base's with the adapter's label fields)."""
     from twinmerge.io import ExpertSet
+    from twinmerge.lora import is_adapter_folder
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+    if not (folder / "config.json").is_file() and not is_adapter_folder(folder):
         raise CheckpointError(f"expert {name}: {folder} is not a checkpoint folder (no config.json) nor a PEFT "
                               "adapter folder (no adapter_config.json)")
     try:

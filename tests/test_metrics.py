@@ -6,7 +6,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from twinmerge.errors import TwinMergeError
-from twinmerge.metrics import METRICS, mean_normalized, normalized_score, score
+from twinmerge.metrics import GENERATIVE_METRICS, METRICS, mean_normalized, normalized_score, score
 
 RNG = np.random.default_rng(0)
 
@@ -46,8 +46,10 @@ def test_correlations_match_scipy_with_ties():
 def test_all_metrics_return_floats_and_accept_tensors():
     y = torch.tensor([0, 1, 1, 0, 1])
     p = torch.tensor([0, 1, 0, 0, 1])
-    for name in METRICS:
+    for name in set(METRICS) - set(GENERATIVE_METRICS):
         assert type(score(name, p, y)) is float
+    for name in GENERATIVE_METRICS:
+        assert type(score(name, ["a b"], ["a b"])) is float
 
 
 def test_normalized_score():
@@ -103,4 +105,15 @@ def test_regression_metrics_are_refused_for_experts(metric, tmp_path):
     (tmp_path / "params.yaml").write_text(
         "base: {path: b}\nexperts:\n  sts: {path: e, task: sts, data: d, metric: %s}\n" % metric)
     with pytest.raises(ParamsError, match=f"experts.sts.metric: .*{metric} is a regression metric"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("metric", ["exact_match", "rouge_l"])
+def test_generative_metrics_are_refused_for_pipeline_experts(metric, tmp_path):
+    """The stages score class logits; a generative expert is refused up front, naming the library API."""
+    from tasks.params import ParamsError, load_params
+
+    (tmp_path / "params.yaml").write_text(
+        "base: {path: b}\nexperts:\n  qa: {path: e, task: qa, data: d, metric: %s}\n" % metric)
+    with pytest.raises(ParamsError, match=f"experts.qa.metric: {metric} is a generative metric.*twinmerge.genpool"):
         load_params(tmp_path / "params.yaml")

@@ -398,14 +398,15 @@ def test_params_validation(tmp_path, field, value, message):
 
     from tasks.params import read_yaml
     doc = read_yaml("params.yaml")
-    assert doc["compress"]["factor_bits"] == 16 and doc["compress"]["group_size"] == 64
+    assert doc["compress"]["group_size"] == 64
     doc["compress"][field] = value
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ParamsError, match=message) as info:
         load_params(path)
     assert "\n" not in str(info.value)
-    assert load_params("profiles/smoke.yaml").compress.factor_bits == 16
+    smoke, default = (load_params(p).compress for p in ("profiles/smoke.yaml", "params.yaml"))
+    assert smoke == default and default.factor_bits == [(0.5, 4), (0.5, 2)]  # the storage curve's choice
 
 
 # --- byte budgets count the bits ---------------------------------------------------------------------------------
@@ -441,3 +442,43 @@ def test_budget_buys_more_rank_at_fewer_bits_and_holds_exactly(merged, bits):
             assert row["bytes"] == ex.factor_bytes(m, n, row["rank"], 2, bits, 16) == sum(
                 tq[f"lowrank.{key}.{p}"].numel() * tq[f"lowrank.{key}.{p}"].element_size()
                 for p in ("U", "U_scales", "S", "V", "V_scales"))
+
+
+# --- mixed-precision schedules (twinmerge.quant.check_schedule, segments) --------------------------------------
+
+def test_schedule_split_rule():
+    """Segment i holds columns b_{i-1} .. b_i - 1, b_i = min(k, ceil(P_i k - 1e-6)), b_K = k: every column in one
+    segment, the first ceil(share_1 k) columns in the first, rounding towards earlier segments, empty ones left out."""
+    s = quant.check_schedule([(0.25, 8), (0.75, 4)])
+    assert s == ((0.25, 8), (0.75, 4))
+    assert quant.segments(1, s) == [(0, 0, 1, 8)]  # a rank-1 factor is all first segment
+    assert quant.segments(4, s) == [(0, 0, 1, 8), (1, 1, 4, 4)]
+    assert quant.segments(5, s) == [(0, 0, 2, 8), (1, 2, 5, 4)]
+    assert quant.segments(76, s) == [(0, 0, 19, 8), (1, 19, 76, 4)]
+    # 0.1 + 0.2 = 0.30000000000000004: 3 of 10 columns, not 4
+    assert quant.segments(10, quant.check_schedule([[0.1, 8], [0.2, 6], [0.7, 3]])) == [
+        (0, 0, 1, 8), (1, 1, 3, 6), (2, 3, 10, 3)]
+    assert quant.segments(2, quant.check_schedule([[0.5, 8], [0.25, 4], [0.25, 2]])) == [(0, 0, 1, 8), (1, 1, 2, 4)]
+    gen = _gen(5)
+    for _ in range(50):
+        shares = torch.rand(int(torch.randint(1, 5, (1,), generator=gen)), generator=gen, dtype=torch.float64) + 0.01
+        sched = quant.check_schedule([(float(x), 2 + j % 7) for j, x in enumerate(shares / shares.sum())])
+        for k in range(1, 60):
+            segs = quant.segments(k, sched)
+            cols = [c for _, a, b, _ in segs for c in range(a, b)]
+            assert cols == list(range(k)) and all(b > a for _, a, b, _ in segs)
+            assert segs[0][0] == 0 and segs[0][2] == math.ceil(sched[0][0] * k - 1e-6)
+
+
+def test_mixed_stored_bytes_and_schedule_errors():
+    s = quant.check_schedule([(0.25, 8), (0.75, 4)])
+    for m, k, g in [(50, 7, 64), (64, 8, 16), (3, 1, 64), (768, 76, 64)]:
+        w8 = math.ceil(k / 4)
+        assert quant.mixed_stored_bytes((m, k), s, g) == (m * w8 + m * math.ceil((k - w8) / 2)
+                                                          + math.ceil(m / g) * k * 2)
+    assert quant.mixed_stored_bytes((9, 5), ((1.0, 4),), 4) == quant.stored_bytes((9, 5), 4, 4)
+    for bad in ([], [(0.5, 8), (0.4, 4)], [(0, 8), (1, 4)], [(0.5, 9), (0.5, 4)], [(0.5, 16), (0.5, 4)],
+                [(0.5, 4.0), (0.5, 4)], [(True, 4)], [(1.0,)], "1,4", [(float("nan"), 4)], [(-0.5, 8), (1.5, 4)]):
+        with pytest.raises(FactorError, match=r"bits schedule .* is not a non-empty list of \[share, bits\] pairs"):
+            quant.check_schedule(bad)
+    assert quant.check_schedule([[0.3, 8], [0.7 + 5e-10, 4]])  # shares sum to 1 within 1e-9

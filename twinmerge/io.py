@@ -41,12 +41,15 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # huggingface_hub's and mergekit's default shard size ("5GB")
 
-# Config fields that must agree between base and experts (num_labels / id2label may differ).
+# Config fields that must agree between base and experts (num_labels / id2label may differ); GPT-2 names its
+# sizes n_embd / n_layer / n_head / n_inner / n_positions, Llama-style decoders add grouped-query heads.
 ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "vocab_size", "max_position_embeddings", "type_vocab_size")
+               "vocab_size", "max_position_embeddings", "type_vocab_size", "n_embd", "n_layer", "n_head", "n_inner",
+               "n_positions", "num_key_value_heads")
 # Fields that change the computation; compared when both configs set them (an absent field means the model
 # class's default, which is not known here without importing it).
-COMPUTE_FIELDS = ("hidden_act", "layer_norm_eps", "position_embedding_type")
+COMPUTE_FIELDS = ("hidden_act", "layer_norm_eps", "position_embedding_type", "rms_norm_eps", "rope_theta",
+                  "activation_function", "layer_norm_epsilon")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")

@@ -1,8 +1,13 @@
-"""Task metrics (pure numpy) and the paper's normalised score.
+"""Task metrics (pure numpy / Python) and the paper's normalised score.
 
 All metrics take predictions and labels (arrays, tensors or lists of equal length) and return Python floats
 as fractions / correlations (not x100). `normalized_score` = 100 * method / expert, so the scale cancels.
+Generative metrics (`exact_match`, `rouge_l`) take generated strings and reference strings (or lists of
+acceptable references, the best one counts).
 """
+import re
+import string
+
 import numpy as np
 
 from twinmerge.errors import TwinMergeError
@@ -91,8 +96,60 @@ def pearson_spearman(preds, labels):
     return (pearson(preds, labels) + spearman(preds, labels)) / 2
 
 
+def _text_pairs(preds, refs):
+    """(preds, refs) as lists of str and of reference lists; TwinMergeError unless equal non-zero lengths."""
+    preds, refs = list(preds), list(refs)
+    if len(preds) != len(refs) or not preds:
+        raise TwinMergeError(f"{len(preds)} generations and {len(refs)} references: must be equal and non-zero")
+    return preds, [[r] if isinstance(r, str) else list(r) for r in refs]
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text):
+    """SQuAD's answer normalisation: lower case, drop punctuation and the articles a/an/the, collapse spaces."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def exact_match(preds, refs):
+    """Fraction of generations whose normalised text (`normalize_answer`) equals a normalised reference."""
+    preds, refs = _text_pairs(preds, refs)
+    return float(np.mean([any(normalize_answer(p) == normalize_answer(r) for r in rs) for p, rs in zip(preds, refs)]))
+
+
+def rouge_tokens(text):
+    """ROUGE's default tokenisation (rouge-score without stemming): lower case, runs of [a-z0-9]."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _lcs_length(a, b):
+    """Length of the longest common subsequence of token lists a and b (O(len a * len b) time, O(len b) space)."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l_f1(pred, ref):
+    """ROUGE-L F1 of one pair: LCS / len(pred) = P, LCS / len(ref) = R, 2 P R / (P + R); 0 when either is empty."""
+    p, r = rouge_tokens(pred), rouge_tokens(ref)
+    lcs = _lcs_length(p, r) if p and r else 0
+    return 2 * lcs / (len(p) + len(r)) if lcs else 0.0
+
+
+def rouge_l(preds, refs):
+    """Mean over pairs of ROUGE-L F1 (`rouge_l_f1`; the best reference of each pair)."""
+    preds, refs = _text_pairs(preds, refs)
+    return float(np.mean([max(rouge_l_f1(p, r) for r in rs) for p, rs in zip(preds, refs)]))
+
+
 METRICS = {f.__name__: f for f in (accuracy, macro_f1, binary_f1, matthews_corrcoef, pearson, spearman, acc_f1,
-                                   pearson_spearman)}
+                                   pearson_spearman, exact_match, rouge_l)}
+GENERATIVE_METRICS = ("exact_match", "rouge_l")
 
 
 NO_LABEL = -1  # the prediction of an input that another task's head answered

@@ -18,6 +18,14 @@ Storage (`packed`):
 - scales: float16 [ceil(m / g), k].
 So b = 4 stores m * ceil(k / 2) + 2 * ceil(m / g) * k bytes for m * k values; b = 8 stores m * k + the same
 scales. Everything is elementwise or a max over a group, on CPU: the same input gives the same bytes every run.
+
+Mixed precision (Delta-CoMe style): a `Schedule` ((share_1, bits_1), ..., (share_K, bits_K)) cuts the k columns of a
+factor (ordered by singular value, largest first) into K consecutive segments, segment i quantised alone at bits_i.
+Shares are > 0 and sum to 1 (within 1e-9). With cumulative shares P_i = share_1 + ... + share_i, segment i holds
+columns b_{i-1} .. b_i - 1 where b_0 = 0, b_K = k and b_i = min(k, ceil(P_i * k - 1e-6)) (`segments`): every
+column is in exactly one segment, the first segment gets ceil(share_1 * k) columns, and rounding goes to the
+earlier segments (the one column of a rank-1 factor is in the first; later segments may be empty). The 1e-6
+absorbs float rounding of the cumulative sums (0.1 + 0.2 = 0.30000000000000004), exact for k < 10^6.
 """
 import math
 
@@ -26,6 +34,7 @@ import torch
 from .errors import FactorError
 
 SCALE_DTYPE = torch.float16
+Schedule = tuple[tuple[float, int], ...]  # ((share, bits), ...): module docstring
 
 
 def check_bits(bits: int, group_size: int) -> None:
@@ -137,3 +146,37 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int
         q = (codes.reshape(m, -1)[:, :k] - 2 ** (bits - 1)).to(torch.float32)
     s = scales.to(torch.float32).repeat_interleave(group_size, dim=0)[:m]
     return q * s
+
+
+def check_schedule(schedule: object) -> Schedule:
+    """`schedule` (a sequence of (share, bits) pairs) as a `Schedule` of (float, int), or FactorError unless it is
+    non-empty, every share a finite number > 0, the shares summing to 1 within 1e-9 and every bits an int in 2..8."""
+    pairs = list(schedule) if isinstance(schedule, (list, tuple)) else None
+    ok = bool(pairs) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs)
+    ok = ok and all(not isinstance(s, bool) and isinstance(s, (int, float)) and math.isfinite(s) and s > 0
+                    and not isinstance(b, bool) and isinstance(b, int) and 2 <= b <= 8 for s, b in pairs)
+    if not ok or abs(math.fsum(s for s, _ in pairs) - 1) > 1e-9:
+        raise FactorError(f"bits schedule {schedule!r} is not a non-empty list of [share, bits] pairs with shares > 0 "
+                          "summing to 1 and bits integers in 2..8")
+    return tuple((float(s), b) for s, b in pairs)
+
+
+def segments(k: int, schedule: Schedule) -> list[tuple[int, int, int, int]]:
+    """The non-empty segments (i, start, stop, bits_i) of the k columns of a factor under `schedule` (checked):
+    columns start .. stop - 1, b_i = min(k, ceil(P_i * k - 1e-6)), the last stop k (module docstring)."""
+    out, start, cumulative = [], 0, 0.0
+    for i, (share, bits) in enumerate(schedule):
+        cumulative += share
+        stop = k if i == len(schedule) - 1 else min(k, math.ceil(cumulative * k - 1e-6))
+        if stop > start:
+            out.append((i, start, stop, bits))
+        start = stop
+    return out
+
+
+def mixed_stored_bytes(shape: tuple[int, int], schedule: Schedule, group_size: int) -> int:
+    """Bytes of codes + float16 scales for one [m, k] factor stored as `schedule`'s segments, each [m, stop - start]
+    at its bits: sum over segments of `stored_bytes`."""
+    m, k = shape
+    return sum(stored_bytes((m, stop - start), bits, group_size) for _, start, stop, bits in segments(k, schedule))
+
