@@ -23,7 +23,6 @@ from tasks.params import ParamsError, load_params, read_yaml
 from test_lowrank_compress import LAMBDAS, _two_d, lora_dirs, merged  # noqa: F401 - fixtures
 from test_quant import _fake_svd, _pipeline
 from test_routed import _assert_mixed_routing_equals_materialize, _batch
-from tiny_models import make_base, make_experts
 from twinmerge import quant
 from twinmerge.errors import FactorError
 from twinmerge.exclusive import (FactorStream, RankSpec, compress_expert, factor_metadata, linear_merge_source,
@@ -340,27 +339,3 @@ def test_params_schedule_validation(tmp_path, value, message):
     with pytest.raises(ParamsError, match=message) as info:
         load_params(path)
     assert "\n" not in str(info.value)
-
-
-def test_compress_step_with_schedule(tmp_path):
-    """params.yaml with factor_bits [[0.25, 8], [0.75, 4]] -> tasks/compress: a mixed file, fewer bytes than int8."""
-    from tasks.compress import compress
-    from twinmerge.shared import write_shared_expert
-
-    base = make_base(tmp_path, "bert", bare_backbone=True)
-    experts = make_experts(tmp_path / "checkpoints", base, (2, 3), names=["movie", "tweet"])
-    write_shared_expert(ExpertSet(base, experts), "task_arithmetic", {"scaling": 0.3}, out_dir=tmp_path / "shared",
-                        progress=False)
-    doc = read_yaml("params.yaml")
-    stored = {}
-    for bits in (8, [[0.25, 8], [0.75, 4]]):
-        doc["compress"].update(factor_bits=bits, rank={"mode": "rank", "value": 4})
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
-        params = load_params(tmp_path / "params.yaml")
-        out = tmp_path / f"exclusive{json.dumps(bits)}"
-        totals = compress(params, "movie", tmp_path / "shared", out, False, base, tmp_path / "checkpoints")
-        f = load_factors(out / "movie.safetensors")
-        assert f.metadata["factor_bits"] == json.dumps(bits)
-        assert json.loads((out / "movie.stats.json").read_text())["factor_bits"] == bits
-        stored[json.dumps(bits)] = totals["lowrank_bytes"]
-    assert stored["[[0.25, 8], [0.75, 4]]"] < stored["8"]  # tensor bytes (the tiny file's header is not negligible)

@@ -364,7 +364,8 @@ def test_grouped_top_k_over_quantised_factors(quantised4, k):
 # --- the compress step and params ---------------------------------------------------------------------------
 
 def test_compress_step_with_factor_bits(tmp_path):
-    """tasks/compress.compress end to end (shared expert on disk, streamed): bits 16/8/4 files and stats."""
+    """tasks/compress.compress end to end (shared expert on disk, streamed): bits 16/8/4 and a mixed schedule
+    [[0.25, 8], [0.75, 4]]: files, metadata and stats (the schedule's tensor bytes between int8's and int4's)."""
     from tasks.compress import compress
     from twinmerge.shared import write_shared_expert
 
@@ -374,18 +375,21 @@ def test_compress_step_with_factor_bits(tmp_path):
                         progress=False)
     params = load_params("params.yaml")
     sizes, totals = {}, {}
-    for bits in (16, 8, 4):
+    mixed = [[0.25, 8], [0.75, 4]]
+    for bits in (16, 8, 4, mixed):
+        key = json.dumps(bits)
         params.compress.factor_bits, params.compress.rank.mode, params.compress.rank.value = bits, "rank", 4
-        out = tmp_path / f"exclusive{bits}"
-        totals[bits] = compress(params, "movie", tmp_path / "shared", out, False, base, tmp_path / "checkpoints")
+        out = tmp_path / f"exclusive{key}"
+        totals[key] = compress(params, "movie", tmp_path / "shared", out, False, base, tmp_path / "checkpoints")
         f = load_factors(out / "movie.safetensors")
         stats = json.loads((out / "movie.stats.json").read_text())
-        assert f.metadata.get("factor_bits") == (None if bits == 16 else str(bits))
+        assert f.metadata.get("factor_bits") == (None if bits == 16 else key)
         assert stats.get("factor_bits") == (None if bits == 16 else bits)
-        sizes[bits] = (out / "movie.safetensors").stat().st_size
-    assert sizes[16] > sizes[8] > sizes[4]
-    assert totals[16]["exclusive_bytes"] > totals[8]["exclusive_bytes"] > totals[4]["exclusive_bytes"]
-    assert totals[8]["rel_error_2d"] == pytest.approx(totals[16]["rel_error_2d"], abs=0.01)
+        sizes[key] = (out / "movie.safetensors").stat().st_size
+    assert sizes["16"] > sizes["8"] > sizes["4"]
+    assert totals["16"]["exclusive_bytes"] > totals["8"]["exclusive_bytes"] > totals["4"]["exclusive_bytes"]
+    assert totals["8"]["lowrank_bytes"] > totals[json.dumps(mixed)]["lowrank_bytes"] > totals["4"]["lowrank_bytes"]
+    assert totals["8"]["rel_error_2d"] == pytest.approx(totals["16"]["rel_error_2d"], abs=0.01)
 
 
 @pytest.mark.parametrize("field, value, message", [
