@@ -7,16 +7,20 @@ which reports its own peak RSS: VmHWM of /proc/self/status, the high-water mark 
 (file pages it mapped included). Not getrusage's ru_maxrss: Linux carries the parent's high-water mark into a
 child at exec, so a child of this (larger) process would report at least the parent's peak.
   - `tasks.modularize.modularize` (task arithmetic) over 2, 4 and 8 experts (--counts);
-  - `tasks.compress.compress` of one expert (fraction 0.1, float16) against the shared model of the most experts;
-  - for information: the fixed overhead (imports only), and the in-memory merge that the static baselines run
-    (`StaticMethod.grid_backbones` over a 2-point scaling grid, as `twinmerge.methods.static` builds it before
-    scoring: not streamed, not a target).
-The steps get a `Params` built in code with their sections only (experts, merge, compress): `load_params` of a
-full params.yaml also validates `methods`, which imports twinmerge.methods and transformers (+~140 MiB, fixed;
-reported as "CLI import overhead", and compress is measured once more with those imports). The synthetic experts are deleted at the end unless --keep. Threads: 2.
+  - `tasks.compress.compress` of one expert with params.yaml's `compress` section (the default: a 2% byte
+    budget, int4/int2 factors, the embeddings' SVD on the Gram path) against the shared model of the most experts;
+  - for information: the fixed overhead (imports only), compress once more with `gram_svd_mib: null` (LAPACK's
+    SVD for every matrix, as before the Gram path) and, with --static, the in-memory merge that the static
+    baselines run (`StaticMethod.grid_backbones` over a 2-point scaling grid, as `twinmerge.methods.static`
+    builds it before scoring: not streamed, not a target).
+The steps get a `Params` built in code with their sections only (experts, merge, compress); compress is also
+measured as its stage runs it, `twinmerge compress` on a project made of the synthetic folders (`cli_project`),
+which reads params.yaml with `load_params(registry=False)`: a full check of `methods` would import
+twinmerge.methods and transformers (+~140 MiB, fixed; reported as "full params check import overhead").
+The synthetic experts are deleted at the end unless --keep. Threads: 2.
 
     python benchmarks/memory.py [--layers 2 --hidden 128 --intermediate 512] [--counts 2,4,8]
-                                [--workdir DIR] [--keep]
+                                [--workdir DIR] [--keep] [--static]
 """
 import argparse
 import json
@@ -78,16 +82,42 @@ def make_experts(workdir: Path, config: dict, n: int, noise: float = 0.01) -> in
     return sum(math.prod(s) for s in shapes.values()) * 4
 
 
-def step_params(workdir: Path, n: int):
-    """A Params for the steps: n experts under workdir/checkpoints, task arithmetic 0.3, fraction 0.1 float16.
-    Built without validating `methods` (which imports twinmerge.methods and transformers, see the module doc)."""
+def step_params(workdir: Path, n: int, **compress):
+    """A Params for the steps: n experts under workdir/checkpoints, task arithmetic 0.3, params.yaml's `compress`
+    section (updated with `compress`). Built without validating `methods` (which imports twinmerge.methods and
+    transformers, see the module doc)."""
+    import yaml
+
     from tasks.params import CompressParams, ExpertSpec, MergeParams, MethodsParams, Params
 
     experts = {f"e{i}": ExpertSpec(path=str(workdir / "checkpoints" / f"e{i}"), task="movie", data="unused")
                for i in range(n)}
     merge = MergeParams(method="task_arithmetic", options={"scaling": 0.3})
-    return Params.model_construct(experts=experts, merge=merge, compress=CompressParams(),
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["compress"]
+    return Params.model_construct(experts=experts, merge=merge, compress=CompressParams(**{**section, **compress}),
                                   methods=MethodsParams.model_construct())
+
+
+def cli_project(workdir: Path, n: int) -> Path:
+    """workdir as a project for the `twinmerge` command: artifacts/{base,checkpoints,shared} linked to the
+    synthetic folders, and params.yaml = the default's with its experts replaced by e0..e{n-1}. Made the working
+    directory (the steps read artifacts/ relative to it); returns the params file."""
+    import os
+
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["experts"] = {f"e{i}": {"path": str(workdir / "checkpoints" / f"e{i}"), "task": "movie",
+                                "data": str(workdir)} for i in range(n)}
+    raw["merge"] = {"method": "task_arithmetic", "options": {"scaling": 0.3}}
+    (workdir / "artifacts").mkdir(exist_ok=True)
+    for name in ("base", "checkpoints", "shared"):
+        link = workdir / "artifacts" / name
+        if not link.exists():
+            link.symlink_to(workdir / name)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
+    os.chdir(workdir)
+    return workdir / "params.yaml"
 
 
 def child(kind: str, workdir: Path, n: int) -> None:
@@ -105,11 +135,14 @@ def child(kind: str, workdir: Path, n: int) -> None:
     elif kind == "modularize":
         from tasks.modularize import modularize
         modularize(step_params(workdir, n), workdir / "shared", **dirs)
-    elif kind in ("compress", "compress_cli"):
+    elif kind in ("compress", "compress_lapack"):
         from tasks.compress import compress
-        if kind == "compress_cli":
-            import twinmerge.methods  # noqa: F401 - as `twinmerge compress` (load_params) imports it
-        compress(step_params(workdir, n), "e0", workdir / "shared", workdir / "exclusive", progress=False, **dirs)
+        params = step_params(workdir, n, **({"gram_svd_mib": None} if kind == "compress_lapack" else {}))
+        compress(params, "e0", workdir / "shared", workdir / kind, progress=False, **dirs)
+    elif kind == "compress_cli":  # the real command, as the `compress@e0` stage runs it
+        from tasks.cli import main
+        if main(["compress", "--params", str(cli_project(workdir, n)), "--expert", "e0", "--no-progress"]):
+            sys.exit("twinmerge compress failed")
     elif kind == "static":
         from twinmerge.io import ExpertSet
         from twinmerge.merge import MERGE_METHODS
@@ -151,7 +184,7 @@ def run(args, workdir: Path) -> None:
     print(f"created base + {counts[-1]} experts in {time.perf_counter() - t0:.0f} s: experts {on_disk / 2**30:.2f} "
           f"GiB on disk = {on_disk / memory:.2f} x this machine's memory ({memory / 2**30:.1f} GiB)", flush=True)
     for kind, label in [("imports", "fixed overhead (import tasks.modularize, tasks.compress)"),
-                        ("cli_imports", "CLI import overhead (+ twinmerge.methods, imported by load_params)")]:
+                        ("cli_imports", "full params check import overhead (+ twinmerge.methods: load_params(registry=True))")]:
         print(f"{label} = {measure(kind, workdir)['peak_mib']:.0f} MiB", flush=True)
     peaks = {}
     for n in counts:
@@ -159,19 +192,25 @@ def run(args, workdir: Path) -> None:
         peaks[n] = r["peak_mib"]
         print(f"peak RSS modularize {n} experts = {r['peak_mib']:.0f} MiB (wall {r['wall_s']:.0f} s)", flush=True)
     r = measure("compress", workdir, counts[-1])
-    print(f"peak RSS compress 1 expert = {r['peak_mib']:.0f} MiB (wall {r['wall_s']:.0f} s)")
+    print(f"peak RSS compress 1 expert = {r['peak_mib']:.0f} MiB (wall {r['wall_s']:.0f} s; compress: "
+          f"{step_params(workdir, 0).compress.model_dump()})", flush=True)
     cli = measure("compress_cli", workdir, counts[-1])
-    print(f"[info] peak RSS compress 1 expert with the CLI's imports (+ twinmerge.methods, transformers) = "
-          f"{cli['peak_mib']:.0f} MiB = {cli['peak_mib'] * MIB / model_bytes:.3f} x model", flush=True)
+    print(f"peak RSS `twinmerge compress` (the stage's command: CLI, params.yaml check, then the same step) = "
+          f"{cli['peak_mib']:.0f} MiB = {cli['peak_mib'] * MIB / model_bytes:.3f} x model (wall "
+          f"{cli['wall_s']:.0f} s)", flush=True)
+    lapack = measure("compress_lapack", workdir, counts[-1])
+    print(f"[info] peak RSS compress 1 expert, gram_svd_mib null (LAPACK's SVD for every matrix) = "
+          f"{lapack['peak_mib']:.0f} MiB = {lapack['peak_mib'] * MIB / model_bytes:.3f} x model (wall "
+          f"{lapack['wall_s']:.0f} s)", flush=True)
     for n in counts[1:]:
         print(f"peak RSS {n} experts / {counts[0]} experts = {peaks[n] / peaks[counts[0]]:.3f}  (modularize; "
               "target <= 1.1)")
     at = 8 if 8 in peaks else counts[-1]
-    worst = max(peaks[at], r["peak_mib"])
-    print(f"peak RSS / model bytes = {worst * MIB / model_bytes:.3f}  (max of modularize at {at} experts and "
-          f"compress = {worst:.0f} MiB, over one expert's float32 {model_bytes / MIB:.0f} MiB; target <= 0.5)",
-          flush=True)
-    for n in counts:
+    worst = max(peaks[at], r["peak_mib"], cli["peak_mib"])
+    print(f"peak RSS / model bytes = {worst * MIB / model_bytes:.3f}  (max of modularize at {at} experts, compress "
+          f"and `twinmerge compress` = {worst:.0f} MiB, over one expert's float32 {model_bytes / MIB:.0f} MiB; "
+          "target <= 0.5)", flush=True)
+    for n in counts if args.static else []:
         s = measure("static", workdir, n)
         print(f"[info] peak RSS static baseline merge (in memory, 2-point grid) {n} experts = {s['peak_mib']:.0f} "
               f"MiB = {s['peak_mib'] * MIB / model_bytes:.2f} x model (wall {s['wall_s']:.0f} s)", flush=True)
@@ -188,6 +227,7 @@ def main() -> None:
                    help="expert counts to merge (default 2,4,8)")
     p.add_argument("--workdir", type=Path, help="where the synthetic experts go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic experts")
+    p.add_argument("--static", action="store_true", help="also measure the static baselines' in-memory merge")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -31,4 +31,4 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    print(modularize(load_params(args.params), args.out))
+    print(modularize(load_params(args.params, registry=False), args.out))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
 TASK_NAMES = ("movie", "tweet", "bbc", "fortune_topic", "langid", "wordnet")
@@ -262,11 +262,15 @@ class CompressParams(_Strict):
     (twinmerge.quant: symmetric absmax, float16 scales per `group_size` rows of each column); or a mixed-precision
     schedule, a list of [share, bits] pairs (shares > 0 summing to 1, bits in 2..8) covering the rank in order of
     singular value, e.g. [[0.25, 8], [0.75, 4]]: the first ceil(0.25 r) columns of U, V in int8, the rest int4
-    (split rule: twinmerge.quant.segments; format: twinmerge.exclusive)."""
+    (split rule: twinmerge.quant.segments; format: twinmerge.exclusive). `gram_svd_mib`: v_t matrices of at least
+    this many MiB (float32) and at least 4x as tall as wide (embeddings, LM heads) take their SVD from the float64
+    Gram matrix, in blocks of rows: peak memory about 1x the matrix instead of LAPACK's 3x (twinmerge.gram_svd);
+    null: LAPACK's SVD for every matrix."""
     rank: RankParams = Field(default_factory=RankParams)
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     factor_bits: int | list[tuple[float, int]] = 16
     group_size: int = Field(64, ge=1)
+    gram_svd_mib: float | None = Field(64.0, ge=0)  # twinmerge.gram_svd: large, elongated v_t at 1x memory; null: never
 
     @field_validator("factor_bits", mode="before")
     @classmethod
@@ -325,7 +329,9 @@ class MethodsParams(_Strict):
     routed: dict[Name, MethodSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _known(self):
+    def _known(self, info: ValidationInfo):
+        if info.context and not info.context.get("registry", True):
+            return self  # `load_params(registry=False)`: a step that does not read `methods`
         from twinmerge.methods import METHODS
 
         for kind in METHOD_KINDS:
@@ -438,14 +444,19 @@ def read_yaml(path: str | Path):
         raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raise ParamsError('<file>: <field>: <problem>') on any problem."""
+def load_params(path: str | Path = "params.yaml", registry: bool = True) -> Params:
+    """Read and validate params.yaml; raise ParamsError('<file>: <field>: <problem>') on any problem.
+
+    registry=False skips checking `methods` against the method registry (every section's schema is still
+    checked): importing the registry imports every method and transformers, +140 MiB of RSS, which the
+    memory-bound steps that never read `methods` (modularize, compress) leave out. `twinmerge run` and the
+    method stages check it."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: file not found")
     raw = read_yaml(path) or {}
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(raw, context={"registry": registry})
     except ValidationError as e:
         err = e.errors()[0]
         loc = err["loc"][:-2] if err["loc"][-1:] == ("[key]",) else err["loc"]  # a bad key: name its mapping

@@ -1,6 +1,10 @@
 """The method registry: what every method declares, static merges' scaling linearity and grid shortcut, and
 params.yaml's `methods` section. (Every registered method also runs end to end on tiny models in
 tests/test_pipeline_steps.py; routed engines equal per-sample materialised models there.)"""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -84,3 +88,22 @@ def test_entry_method_defaults_to_its_key(tmp_path):
         "static": {"ties": {}, "ties_per_tensor": {"method": "ties", "options": {"trim": "per_tensor"}}}}}))
     specs = load_params(tmp_path / "params.yaml").methods.static
     assert specs["ties"].method == "ties" and specs["ties_per_tensor"].method == "ties"
+
+
+def test_registry_false_skips_only_the_method_registry(tmp_path):
+    """load_params(registry=False) (modularize, compress): `methods` is not checked against the registry, which
+    is never imported; every other field still is."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"base": {"path": "b"}, "methods": {"static": {"x": {"method": "nope"}}},
+                                    "compress": {"gram_svd_mib": None}}))
+    assert load_params(path, registry=False).compress.gram_svd_mib is None
+    with pytest.raises(ParamsError, match="unknown method 'nope'"):
+        load_params(path)
+    path.write_text(yaml.safe_dump({"base": {"path": "b"}, "compress": {"gram_svd_mib": -1}}))
+    with pytest.raises(ParamsError, match="compress.gram_svd_mib"):
+        load_params(path, registry=False)
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from tasks.params import load_params; load_params('params.yaml', registry=False); "
+            "print(sorted(m for m in ('twinmerge.methods', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from twinmerge.errors import FactorError, InputError, TwinMergeError
 from twinmerge.routed import (_SUPPORTED, DynamicEmbedding, DynamicLayerNorm, DynamicLinear, RoutedDeltaModel,
-                              _groups, _lexsort, _per_sample, _stack_dense, top_k_weights)
+                              _per_sample, _stack_dense, exclusive_params)
 
 _ROUTED = {nn.Linear: DynamicLinear, nn.Embedding: DynamicEmbedding, nn.LayerNorm: DynamicLayerNorm}
 
@@ -136,14 +136,8 @@ def _tied_head(model):
     return {paths[id(out)]: paths[id(inp)]}
 
 
-def _exclusive_params(factors):
-    """{module path: {parameter names}} of every tensor with exclusive knowledge in some expert."""
-    params = {}
-    for f in factors:
-        for name in [*f.lowrank, *f.dense]:
-            path, _, param = name.rpartition(".")
-            params.setdefault(path, set()).add(param)
-    return params
+def _inputs(input_ids, attention_mask) -> dict:
+    return {k: v for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask)) if v is not None}
 
 
 class RoutedCausalLM(RoutedDeltaModel):
@@ -160,7 +154,7 @@ class RoutedCausalLM(RoutedDeltaModel):
 
     def _replace_modules(self):
         self.tied = _tied_head(self.model)
-        params = _exclusive_params(self.factors)
+        params = exclusive_params(self.factors)
         for path, names in sorted(params.items()):
             if path in self.tied:
                 raise FactorError(f"exclusive knowledge for {path}: its weight is tied to {self.tied[path]}, "
@@ -190,7 +184,8 @@ class RoutedCausalLM(RoutedDeltaModel):
         input_ids, attention_mask: [B, L] (left or right padded); weights: [B, n]; top_k: keep each row's k
         largest weights, renormalised (`top_k_weights`). Batched, grouped or cached top-1 as
         `RoutedDeltaModel.forward`. kw: options of the HF forward that are not per-sample tensors."""
-        return self._routed(lambda inputs: self.model(**inputs, **kw).logits, input_ids, attention_mask,
+        self._check_weights(weights, input_ids.shape[0])
+        return self._routed(lambda inputs: self.model(**inputs, **kw).logits, _inputs(input_ids, attention_mask),
                             weights, top_k)
 
     def generate(self, input_ids, attention_mask, weights, top_k=None, **generate_kwargs):
@@ -205,39 +200,9 @@ class RoutedCausalLM(RoutedDeltaModel):
             if generate_kwargs.get(key, plain) != plain:
                 raise InputError(f"RoutedCausalLM.generate: {key}={generate_kwargs[key]!r} is not supported "
                                  f"(only {key}={plain!r})")
-        return self._routed(lambda inputs: self.model.generate(**inputs, **generate_kwargs), input_ids,
-                            attention_mask, weights, top_k)
-
-    def _routed(self, run, input_ids, attention_mask, weights, top_k):
-        """run(inputs) [B, ...] under per-sample routing, in input order: batched when every row uses every
-        expert, else grouped (batch sorted by `_lexsort` of each row's experts, `_groups` segments, cached top-1
-        segments when the cache is on)."""
-        n = len(self.factors)
-        if weights is None or weights.shape != (input_ids.shape[0], n):
-            raise TwinMergeError(f"weights must have shape [batch, n_experts] = [{input_ids.shape[0]}, {n}]")
-        weights = weights.to(self.dtype)
-        if top_k is not None and top_k < n:
-            weights = top_k_weights(weights, top_k)[0]
-        inputs = {k: v for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask)) if v is not None}
-        active = int((weights != 0).sum(dim=1).max())
-        if active == n:
-            return self._under(run, inputs, weights, None)
-        idx = weights.abs().topk(max(active, 1), dim=1).indices
-        kept = weights.gather(1, idx)
-        idx[:, 1:][kept[:, 1:] == 0] = n  # unused slots: no segment
-        order = _lexsort(idx)
-        groups = _groups(idx[order], kept[order], n, self._cached_experts(idx[order], kept[order]))
-        out = self._under(run, {k: v[order] for k, v in inputs.items()}, weights[order], groups)
-        return out[order.argsort()]
-
-    def _under(self, run, inputs, weights, groups):
-        """run(inputs) with the shared routing set to (weights [B, n], groups), cleared afterwards."""
-        r = self.routing
-        r.dense, r.groups = weights, groups
-        try:
-            return run(inputs)
-        finally:
-            r.dense = r.groups = None
+        self._check_weights(weights, input_ids.shape[0])
+        return self._routed(lambda inputs: self.model.generate(**inputs, **generate_kwargs),
+                            _inputs(input_ids, attention_mask), weights, top_k)
 
     def materialize(self, weights) -> PreTrainedModel:
         """An ordinary HF causal LM with theta_s + sum_t weights[t] v_t (weights [n]); a tied lm_head gets the

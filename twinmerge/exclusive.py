@@ -53,6 +53,7 @@ from twinmerge.progress import progress_bar
 
 from . import quant
 from .errors import FactorError
+from .gram_svd import GRAM_SVD_MIB, gram_spectrum, gram_svd, lowrank_error2, use_gram
 from .io import SAFETENSORS_DTYPES, ExpertSet, SafetensorsWriter, TensorSpec, save_safetensors_atomic
 from .lora import LoraExpert, lowrank_svd
 
@@ -64,6 +65,7 @@ FactorBits = int | quant.Schedule  # 16, 2..8, or a schedule of >= 2 segments (m
 SCALES = ("U_scales", "V_scales")
 # lowrank.<name>.<part>: U, S, V, U_scales, V_scales, each with a segment tag .q<i> under a bits schedule
 LOWRANK_PART = re.compile(r"(?P<name>.+)\.(?P<part>(?:[USV]|[UV]_scales)(?:\.q\d+)?)")
+ROW_BLOCK_BYTES = 4 * 2**20  # float32 bytes of the blocks of rows v_t is built from (`FactorStream._delta`)
 EXACT_BASE_DTYPES = (torch.float32, torch.float64)  # theta_t, theta_s stored in these: v_t = L @ R to ~1e-7
 # (key) -> (L [m, K], R [K, n]) with v_t = L @ R, or None (dense path); see the module docstring.
 LowRankSource = Callable[[str], tuple[torch.Tensor, torch.Tensor] | None]
@@ -326,7 +328,8 @@ def linear_merge_source(experts: ExpertSet, expert_name: str, lambdas: Mapping[s
 def compress_expert(experts: ExpertSet, shared: Mapping[str, torch.Tensor], expert_name: str,
                     rank_spec: RankSpec, factor_dtype: str = "float16", progress: bool = True,
                     factor_bits: FactorBits = UNQUANTISED, group_size: int = 64,
-                    lowrank: LowRankSource | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                    lowrank: LowRankSource | None = None, gram_svd_mib: float | None = GRAM_SVD_MIB
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Factor-file tensors and stats for expert `expert_name`, given theta_s as `shared` (canonical names), in
     memory: `FactorStream` collected into a dict (to write a file without holding it, see `write_factors`).
 
@@ -341,9 +344,11 @@ def compress_expert(experts: ExpertSet, shared: Mapping[str, torch.Tensor], expe
     Quantised (factor_bits 2..8): `bytes` counts codes + scales + S, rel_error is measured on the dequantised
     factors, and stats also hold factor_bits (a schedule as [[share, bits], ...]) and group_size.
     `lowrank`: a low-rank source (module docstring); its tensors' rel_error is measured against L @ R.
+    `gram_svd_mib`: matrices from this size (MiB, float32) that are at least 4x as tall as wide take the Gram
+    path (`twinmerge.gram_svd`, row `svd: "gram"` in stats); None: LAPACK's SVD for all.
     """
     stream = FactorStream(experts, shared, expert_name, rank_spec, factor_dtype, progress, factor_bits, group_size,
-                          lowrank)
+                          lowrank, gram_svd_mib)
     tensors = dict(stream)
     return tensors, stream.stats
 
@@ -359,7 +364,9 @@ class FactorStream:
          `specs` [(name, shape, dtype)] then lists the file's tensors, as a streaming writer needs up front.
       2. iteration: yields (file tensor name, tensor) in plan order, a matrix's thin SVD computed in its turn;
          `stats` is set when the iteration ends.
-    Peak memory: about 3x the largest tensor (v_t, LAPACK's copy of it and U during its SVD), in every mode.
+    Peak memory: about 3x the largest tensor (v_t, LAPACK's copy of it and U during its SVD), in every mode;
+    1x for the matrices that take the Gram path (`gram_svd_mib`, `gram_svd.use_gram`: large and at least 4x as
+    tall as wide, like embeddings and LM heads), whose v_t is also read, and its error measured, in blocks of rows.
     Energy ranks come from the singular values of pass 1 (`singular_values`, as the budget modes' spectra).
     With a `lowrank` source, the keys it covers (`lowrank_keys`) take both passes from (L, R) instead: memory
     O((m + n) K), time O((m + n) K^2 + K^3) per tensor (module docstring).
@@ -367,7 +374,8 @@ class FactorStream:
 
     def __init__(self, experts: ExpertSet, shared: Mapping[str, torch.Tensor], expert_name: str,
                  rank_spec: RankSpec, factor_dtype: str = "float16", progress: bool = True,
-                 factor_bits: FactorBits = UNQUANTISED, group_size: int = 64, lowrank: LowRankSource | None = None):
+                 factor_bits: FactorBits = UNQUANTISED, group_size: int = 64, lowrank: LowRankSource | None = None,
+                 gram_svd_mib: float | None = GRAM_SVD_MIB):
         if expert_name not in experts.experts:
             raise FactorError(f"unknown expert {expert_name!r}; known: {', '.join(experts.names)}")
         if factor_dtype not in FACTOR_DTYPES:
@@ -379,21 +387,38 @@ class FactorStream:
         self.itemsize = self.fdt.itemsize
         self.progress = progress
         self.lowrank = lowrank
+        self.gram_svd_mib = gram_svd_mib
         self.lowrank_keys: list[str] = []
         self.plan = self._plan()
         self.specs = self._specs()
         self.stats: dict[str, Any] | None = None
 
     def _delta(self, key: str) -> torch.Tensor:
-        """v_t (float32) of `key`, subtracted in place: at most two tensors of its size in memory, not three."""
+        """v_t (float32) of `key`, built in blocks of rows of ~4 MiB read from the two files: one tensor of its
+        size in memory, plus a block (elementwise, so the same bytes as subtracting whole tensors)."""
         if key not in self.shared:
             raise FactorError(f"shared state dict has no tensor {key}")
-        v = self.experts.expert_tensor(self.name, key).to(torch.float32, copy=True)
-        shared = self.shared[key]
-        if shared.shape != v.shape:
-            raise FactorError(f"shared tensor {key} has shape {list(shared.shape)}, expert {self.name!r} has "
-                              f"{list(v.shape)}")
-        return v.sub_(shared.to(torch.float32))
+        shape = tuple(self.experts.experts[self.name].shape(key))
+        read = getattr(self.shared, "read", None)  # a lazy SharedModel reads blocks; a dict of tensors slices
+        shared_shape = tuple(self.shared.shape(key) if read else self.shared[key].shape)
+        if shared_shape != shape:
+            raise FactorError(f"shared tensor {key} has shape {list(shared_shape)}, expert {self.name!r} has "
+                              f"{list(shape)}")
+        if len(shape) == 0:
+            return self.experts.expert_tensor(self.name, key).to(torch.float32, copy=True).sub_(
+                self._shared_rows(key, None).to(torch.float32))
+        v = torch.empty(shape, dtype=torch.float32)
+        step = max(1, ROW_BLOCK_BYTES // max(4 * math.prod(shape[1:]), 1))
+        for i in range(0, shape[0], step):
+            rows = slice(i, min(i + step, shape[0]))
+            torch.sub(self.experts.expert_tensor(self.name, key, rows).to(torch.float32),
+                      self._shared_rows(key, rows).to(torch.float32), out=v[rows])
+        return v
+
+    def _shared_rows(self, key: str, rows: slice | None) -> torch.Tensor:
+        if hasattr(self.shared, "read"):
+            return self.shared.read(key, rows)
+        return self.shared[key] if rows is None else self.shared[key][rows]
 
     def _plan(self) -> dict[str, tuple[str, int | None]]:
         """{key: (kind, rank)} in key order: kind zero | dense | lowrank | dropped; rank None for non-2-D."""
@@ -411,6 +436,7 @@ class FactorStream:
                 spectra[key] = (spectrum(), *shape)
             else:
                 plan[key] = self._storage(*shape, self.rank_spec.rank_for(spectrum()))
+            spectrum = None  # drops this v_t before the next one is read
         if self.rank_spec.is_budget:
             budget = int(self.rank_spec.value) if self.rank_spec.mode == "budget_bytes" else math.floor(
                 self.rank_spec.value * sum(m * n * self.itemsize for _, m, n in spectra.values()))
@@ -448,7 +474,13 @@ class FactorStream:
             S = lowrank_svd(*pair)[1]
             return (pair[0].shape[0], pair[1].shape[1]), S.numel(), bool(S.any()), lambda: S
         v = self._delta(key)
-        return tuple(v.shape), min(v.shape, default=0), bool(v.any()), lambda: singular_values(v)
+        spectrum = gram_spectrum if self._gram(v.shape) else singular_values
+        nonzero = v.numel() > 0 and (bool(v.amax() != 0) or bool(v.amin() != 0))  # no [m, n] bool temporary
+        return tuple(v.shape), min(v.shape, default=0), nonzero, lambda: spectrum(v)
+
+    def _gram(self, shape: tuple[int, ...]) -> bool:
+        """Whether a v_t of this shape takes its spectrum and SVD from the Gram matrix (`gram_svd.use_gram`)."""
+        return use_gram(tuple(shape), self.gram_svd_mib)
 
     def _storage(self, m: int, n: int, r: int) -> tuple[str, int]:
         """How a nonzero [m, n] v_t of rank budget r is stored: dense (in the factor dtype) when factors would not
@@ -528,11 +560,15 @@ class FactorStream:
             yield f"dense.{key}", v
             row.update(kind="dense", rank=None, energy_kept=1.0, bytes=v.numel() * 4, rel_error=0.0)
             return 0.0, 0.0
+        gram = kind == "lowrank" and self._gram(v.shape)
         stored, kept, approx = self._stored(v, kind, r)
         yield from zip(self._names(key, kind, r), stored)
-        e2, n2 = _squared_error(kind, approx, v), float(torch.linalg.norm(v)) ** 2
+        e2 = lowrank_error2(*approx, v) if gram else _squared_error(kind, approx, v)
+        n2 = float(torch.linalg.norm(v)) ** 2
         row.update(kind=kind, rank=r, energy_kept=kept, bytes=sum(t.numel() * t.element_size() for t in stored),
                    rel_error=math.sqrt(e2 / n2))
+        if gram:
+            row["svd"] = "gram"  # only then: the stats of LAPACK-path tensors keep their former bytes
         return e2, n2
 
     def _lowrank_tensors(self, key: str, pair: tuple[torch.Tensor, torch.Tensor], kind: str, r: int,
@@ -560,11 +596,12 @@ class FactorStream:
             return stored, 1.0, stored
         if kind == "dropped":
             return [], 0.0, []
-        return self._factors(*thin_svd(v), r)
+        return self._factors(*(gram_svd(v, r) if self._gram(v.shape) else thin_svd(v)), r)
 
     def _factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, r: int
                  ) -> tuple[list[torch.Tensor], float, list[torch.Tensor]]:
-        """`_stored` of the rank-r truncation of an SVD U [m, k] diag(S [k]) V [n, k]^T (k >= r, S descending):
+        """`_stored` of the rank-r truncation of an SVD U [m, k] diag(S [k]) V [n, k]^T (S descending, k >= r; U and V
+        may hold only their first r columns, as `gram_svd` gives them):
         the stored factors, the energy kept sum_{i<=r} s_i^2 / sum_i s_i^2 and what a reader gets back."""
         energy = S.to(torch.float64) ** 2
         kept = float(energy[:r].sum() / energy.sum())
@@ -728,7 +765,10 @@ def _dequantized(name: str, p: dict[str, torch.Tensor], q: tuple[FactorBits, int
                 cols.append(quant.dequantize(codes, scales, (rows, stop - start), b, g))
             except FactorError as exc:
                 raise FactorError(f"{where}: tensor {name}.{code}: {exc}") from None
-        out.append(torch.cat(cols, dim=1))
+        # meta tensors (a file checked from its specs, `write_factors`): no torch.cat, whose meta kernel imports
+        # torch._dynamo and sympy (~90 MiB of RSS for the whole compress step)
+        out.append(torch.empty(rows, sum(c.shape[1] for c in cols), device="meta") if cols[0].is_meta
+                   else torch.cat(cols, dim=1))
     return out[0], S, out[1]
 
 

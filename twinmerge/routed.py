@@ -476,6 +476,16 @@ def _expert_config(model, config):
     return model.config.__class__.from_dict(config) if isinstance(config, dict) else config
 
 
+def exclusive_params(factors) -> dict[str, set[str]]:
+    """{module path: {parameter names}} of every tensor with exclusive knowledge in some expert."""
+    params = {}
+    for f in factors:
+        for name in [*f.lowrank, *f.dense]:
+            path, _, param = name.rpartition(".")
+            params.setdefault(path, set()).add(param)
+    return params
+
+
 def dense_delta_set(expert: str, config: dict, dense: dict[str, torch.Tensor],
                     head: dict[str, torch.Tensor]) -> ExclusiveFactors:
     """A delta set of dense deltas {canonical name: tensor} (2-D ones run as exact factors of rank min(m, d))."""
@@ -513,12 +523,7 @@ class RoutedDeltaModel(nn.Module):
         self.expert_cache = ExpertCache(linears, cache_experts)
 
     def _replace_modules(self):
-        params = {}
-        for f in self.factors:
-            for name in [*f.lowrank, *f.dense]:
-                path, _, param = name.rpartition(".")
-                params.setdefault(path, set()).add(param)
-        for path, names in sorted(params.items()):
+        for path, names in sorted(exclusive_params(self.factors).items()):
             try:
                 module = self.model.get_submodule(path)
             except AttributeError:
@@ -548,36 +553,46 @@ class RoutedDeltaModel(nn.Module):
         unused by a row (top-k, or already sparse weights) the batch runs grouped (and cached when top-1 with
         weight 1 and the cache is on), else batched (see the module docstring). Returns DynamicOutput.
         """
-        n = len(self.factors)
-        if weights is None or weights.shape != (input_ids.shape[0], n):
-            raise TwinMergeError(f"weights must have shape [batch, n_experts] = [{input_ids.shape[0]}, {n}]")
-        weights = weights.to(self.dtype)
-        head_ids = weights.argmax(dim=1) if head_ids is None else head_ids.long()
-        if top_k is not None and top_k < n:
-            weights = top_k_weights(weights, top_k)[0]
+        self._check_weights(weights, input_ids.shape[0])
+        head_ids = weights.to(self.dtype).argmax(dim=1) if head_ids is None else head_ids.long()
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
+        width = int(self.num_labels.max())  # same width for every batch, whatever heads it used
+
+        def logits(batch):
+            out = self.model(**batch).logits
+            return F.pad(out, (0, width - out.shape[-1]), value=float("-inf"))
+
+        return DynamicOutput(self._routed(logits, inputs, weights, top_k, head_ids), self.num_labels[head_ids],
+                             head_ids)
+
+    def _check_weights(self, weights, batch: int) -> None:
+        n = len(self.factors)
+        if weights is None or weights.shape != (batch, n):
+            raise TwinMergeError(f"weights must have shape [batch, n_experts] = [{batch}, {n}]")
+
+    def _routed(self, run, inputs, weights, top_k=None, head_ids=None):
+        """run(inputs) -> [B, ...] under per-sample routing (weights [B, n], top_k, head_ids [B] or None), in
+        input order: batched when every row uses every expert, else grouped: each row's experts (largest
+        |weight| first, unused slots none), the batch sorted by them (`_lexsort`) and run as `_groups` segments
+        (cached top-1 segments when the `ExpertCache` is on)."""
+        n = len(self.factors)
+        weights = weights.to(self.dtype)
+        if top_k is not None and top_k < n:
+            weights = top_k_weights(weights, top_k)[0]
         active = int((weights != 0).sum(dim=1).max())
         if active == n:
-            logits = self._run(inputs, weights, None, head_ids)
-        else:
-            logits = self._run_grouped(inputs, weights, max(active, 1), head_ids)
-        return DynamicOutput(logits, self.num_labels[head_ids], head_ids)
-
-    def _run_grouped(self, inputs, weights, k, head_ids):
-        """Select each sample's k experts (largest |weight| first), sort the batch by them (`_lexsort`), run
-        it as `_groups` segments, return the logits in the input order."""
-        n = len(self.factors)
-        idx = weights.abs().topk(k, dim=1).indices
+            return self._under(run, inputs, weights, None, head_ids)
+        idx = weights.abs().topk(max(active, 1), dim=1).indices
         kept = weights.gather(1, idx)
         idx[:, 1:][kept[:, 1:] == 0] = n  # unused slots: no segment
         order = _lexsort(idx)
         idx, kept = idx[order], kept[order]
         groups = _groups(idx, kept, n, self._cached_experts(idx, kept))
-        logits = self._run({name: value[order] for name, value in inputs.items()}, weights[order], groups,
-                           head_ids[order])
-        return logits[order.argsort()]
+        out = self._under(run, {name: value[order] for name, value in inputs.items()}, weights[order], groups,
+                          None if head_ids is None else head_ids[order])
+        return out[order.argsort()]
 
     def _cached_experts(self, idx, kept):
         """The experts of a top-1 batch (idx, kept [B, 1]) resident in the `ExpertCache` after admitting them,
@@ -589,16 +604,14 @@ class RoutedDeltaModel(nn.Module):
         used = counts.argsort(descending=True, stable=True)[: int((counts > 0).sum())]
         return self.expert_cache.admit(used.tolist())
 
-    def _run(self, inputs, weights, groups, head_ids):
-        """The model's logits [B, C_max] (padded with -inf) under routing (weights [B, n], groups, head_ids)."""
+    def _under(self, run, inputs, weights, groups, head_ids):
+        """run(inputs) with the shared routing set to (weights [B, n], groups, head_ids), cleared afterwards."""
         r = self.routing
         r.dense, r.groups, r.head_ids = weights, groups, head_ids
         try:
-            logits = self.model(**inputs).logits
+            return run(inputs)
         finally:
             r.dense = r.groups = r.head_ids = None
-        width = int(self.num_labels.max())  # same width for every batch, whatever heads it used
-        return F.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
 
     def merged_state(self, weights):
         """theta_s + sum_t weights[t] v_t for every non-head tensor (v_t rebuilt from factors)."""

@@ -155,9 +155,19 @@ class SharedModel(Mapping[str, torch.Tensor]):
         self._ckpt = Checkpoint(folder, "shared")
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read(key)
+
+    def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `key`, or only `rows` of its first dimension (read from the file alone, `Checkpoint.get`)."""
         if key not in self:
             raise KeyError(key)
-        return self._ckpt.get(key[len(self.prefix):])
+        return self._ckpt.get(key[len(self.prefix):], rows)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor `key` from the file header, without reading it."""
+        if key not in self:
+            raise KeyError(key)
+        return tuple(self._ckpt.shape(key[len(self.prefix):]))
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key.startswith(self.prefix) and key[len(self.prefix):] in self._ckpt
