@@ -21,6 +21,7 @@ from twinmerge.errors import TwinMergeError
 from twinmerge.metrics import GENERATIVE_METRICS
 from twinmerge.metrics import score as metric_score
 from twinmerge.progress import progress_bar
+from twinmerge.taskpool import TaskPool
 
 GenerativeSplit = Mapping[str, tuple[Sequence[str], Sequence[str | Sequence[str]]]]
 
@@ -66,15 +67,9 @@ class GenerativeTaskPool:
             raise TwinMergeError("the tokenizer has neither a pad nor an eos token: cannot left-pad prompts")
         self.pad_id = pad
 
-    @property
-    def prompts(self) -> list[str]:
-        """Every task's prompts concatenated in task order ([N])."""
-        return [p for n in self.names for p in self.split[n][0]]
-
-    @property
-    def task_ids(self) -> torch.Tensor:
-        """[N] index of each prompt's task (its gold expert)."""
-        return torch.tensor([i for i, n in enumerate(self.names) for _ in self.split[n][0]])
+    # the classification pool's: every task's prompts concatenated in task order ([N]), and each one's task [N]
+    prompts = TaskPool.texts
+    task_ids = TaskPool.task_ids
 
     @torch.inference_mode()
     def generate(self, model, prompts: Sequence[str], weights: torch.Tensor | None = None,
