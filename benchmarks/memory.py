@@ -9,10 +9,11 @@ child at exec, so a child of this (larger) process would report at least the par
   - `tasks.modularize.modularize` (task arithmetic) over 2, 4 and 8 experts (--counts);
   - `tasks.compress.compress` of one expert with params.yaml's `compress` section (the default: a 2% byte
     budget, int4/int2 factors, the embeddings' SVD on the Gram path) against the shared model of the most experts;
-  - for information: the fixed overhead (imports only), compress once more with `gram_svd_mib: null` (LAPACK's
-    SVD for every matrix, as before the Gram path) and, with --static, the in-memory merge that the static
-    baselines run (`StaticMethod.grid_backbones` over a 2-point scaling grid, as `twinmerge.methods.static`
-    builds it before scoring: not streamed, not a target).
+  - for information: the fixed overhead (imports only) and compress once more with `gram_svd_mib: null`
+    (LAPACK's SVD for every matrix, as before the Gram path);
+  - with --static, a static baseline's stage for each count: `StaticMethod.build` of task arithmetic over a
+    2-point scaling grid, each point scored on a small validation set (16 inputs per expert, a word tokenizer
+    written here), the chosen backbone written. Scoring needs one float32 backbone in memory (about 1 x model).
 The steps get a `Params` built in code with their sections only (experts, merge, compress); compress is also
 measured as its stage runs it, `twinmerge compress` on a project made of the synthetic folders (`cli_project`),
 which reads params.yaml with `load_params(registry=False)`: a full check of `methods` would import
@@ -20,7 +21,7 @@ twinmerge.methods and transformers (+~140 MiB, fixed; reported as "full params c
 The synthetic experts are deleted at the end unless --keep. Threads: 2.
 
     python benchmarks/memory.py [--layers 2 --hidden 128 --intermediate 512] [--counts 2,4,8]
-                                [--workdir DIR] [--keep] [--static]
+                                [--workdir DIR] [--keep] [--static | --only-static]
 """
 import argparse
 import json
@@ -143,15 +144,26 @@ def child(kind: str, workdir: Path, n: int) -> None:
         from tasks.cli import main
         if main(["compress", "--params", str(cli_project(workdir, n)), "--expert", "e0", "--no-progress"]):
             sys.exit("twinmerge compress failed")
-    elif kind == "static":
+    elif kind == "static":  # a static baseline's stage: grid merges, each scored on validation, the best written
+        from transformers import BertTokenizerFast
+
         from twinmerge.io import ExpertSet
-        from twinmerge.merge import MERGE_METHODS
-        from twinmerge.methods.static import StaticMethod
+        from twinmerge.methods import METHODS, Context
+        from twinmerge.taskpool import TaskPool
 
         pool = ExpertSet(dirs["base_dir"], {f"e{i}": dirs["checkpoints_dir"] / f"e{i}" for i in range(n)})
-        method = StaticMethod("task_arithmetic", MERGE_METHODS["task_arithmetic"])
-        for _ in method.grid_backbones(pool, {}, {"scaling": [0.3, 0.5]}):
-            pass
+        words = [f"w{i}" for i in range(200)]
+        vocab = workdir / "vocab.txt"
+        vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+        split = {name: ([" ".join(words[(7 * j + k) % 200] for k in range(12)) for j in range(16)],
+                        [j % 2 for j in range(16)]) for name in pool.names}
+        val = TaskPool(pool, split, {name: "accuracy" for name in pool.names}, tokenizer, 16, 32)
+        ctx = Context(pool, val, {name: 50.0 for name in pool.names}, progress=False)
+        out = workdir / "static" / f"n{n}"
+        out.parent.mkdir(exist_ok=True)
+        METHODS["task_arithmetic"].build(ctx, out, {"scaling": [0.3, 0.5]})
+        shutil.rmtree(out)
     status = Path("/proc/self/status").read_text().split("VmHWM:")[1]
     peak = int(status.split()[0]) / 1024  # kB
     print(json.dumps({"peak_mib": peak, "wall_s": time.perf_counter() - start}))
@@ -183,37 +195,44 @@ def run(args, workdir: Path) -> None:
     print(f"model: {config}: {model_bytes // 4:,} parameters, float32 {model_bytes / MIB:.1f} MiB per expert")
     print(f"created base + {counts[-1]} experts in {time.perf_counter() - t0:.0f} s: experts {on_disk / 2**30:.2f} "
           f"GiB on disk = {on_disk / memory:.2f} x this machine's memory ({memory / 2**30:.1f} GiB)", flush=True)
-    for kind, label in [("imports", "fixed overhead (import tasks.modularize, tasks.compress)"),
-                        ("cli_imports", "full params check import overhead (+ twinmerge.methods: load_params(registry=True))")]:
-        print(f"{label} = {measure(kind, workdir)['peak_mib']:.0f} MiB", flush=True)
-    peaks = {}
-    for n in counts:
-        r = measure("modularize", workdir, n)
-        peaks[n] = r["peak_mib"]
-        print(f"peak RSS modularize {n} experts = {r['peak_mib']:.0f} MiB (wall {r['wall_s']:.0f} s)", flush=True)
-    r = measure("compress", workdir, counts[-1])
-    print(f"peak RSS compress 1 expert = {r['peak_mib']:.0f} MiB (wall {r['wall_s']:.0f} s; compress: "
-          f"{step_params(workdir, 0).compress.model_dump()})", flush=True)
-    cli = measure("compress_cli", workdir, counts[-1])
-    print(f"peak RSS `twinmerge compress` (the stage's command: CLI, params.yaml check, then the same step) = "
-          f"{cli['peak_mib']:.0f} MiB = {cli['peak_mib'] * MIB / model_bytes:.3f} x model (wall "
-          f"{cli['wall_s']:.0f} s)", flush=True)
-    lapack = measure("compress_lapack", workdir, counts[-1])
-    print(f"[info] peak RSS compress 1 expert, gram_svd_mib null (LAPACK's SVD for every matrix) = "
-          f"{lapack['peak_mib']:.0f} MiB = {lapack['peak_mib'] * MIB / model_bytes:.3f} x model (wall "
-          f"{lapack['wall_s']:.0f} s)", flush=True)
-    for n in counts[1:]:
-        print(f"peak RSS {n} experts / {counts[0]} experts = {peaks[n] / peaks[counts[0]]:.3f}  (modularize; "
-              "target <= 1.1)")
-    at = 8 if 8 in peaks else counts[-1]
-    worst = max(peaks[at], r["peak_mib"], cli["peak_mib"])
-    print(f"peak RSS / model bytes = {worst * MIB / model_bytes:.3f}  (max of modularize at {at} experts, compress "
-          f"and `twinmerge compress` = {worst:.0f} MiB, over one expert's float32 {model_bytes / MIB:.0f} MiB; "
-          "target <= 0.5)", flush=True)
-    for n in counts if args.static else []:
-        s = measure("static", workdir, n)
-        print(f"[info] peak RSS static baseline merge (in memory, 2-point grid) {n} experts = {s['peak_mib']:.0f} "
-              f"MiB = {s['peak_mib'] * MIB / model_bytes:.2f} x model (wall {s['wall_s']:.0f} s)", flush=True)
+    if not args.only_static:
+        for kind, label in [("imports", "fixed overhead (import tasks.modularize, tasks.compress)"),
+                            ("cli_imports", "full params check import overhead "
+                                            "(+ twinmerge.methods: load_params(registry=True))")]:
+            print(f"{label} = {measure(kind, workdir)['peak_mib']:.0f} MiB", flush=True)
+        peaks = {}
+        for n in counts:
+            r = measure("modularize", workdir, n)
+            peaks[n] = r["peak_mib"]
+            print(f"peak RSS modularize {n} experts = {r['peak_mib']:.0f} MiB (wall {r['wall_s']:.0f} s)", flush=True)
+        r = measure("compress", workdir, counts[-1])
+        print(f"peak RSS compress 1 expert = {r['peak_mib']:.0f} MiB (wall {r['wall_s']:.0f} s; compress: "
+              f"{step_params(workdir, 0).compress.model_dump()})", flush=True)
+        cli = measure("compress_cli", workdir, counts[-1])
+        print(f"peak RSS `twinmerge compress` (the stage's command: CLI, params.yaml check, then the same step) = "
+              f"{cli['peak_mib']:.0f} MiB = {cli['peak_mib'] * MIB / model_bytes:.3f} x model (wall "
+              f"{cli['wall_s']:.0f} s)", flush=True)
+        lapack = measure("compress_lapack", workdir, counts[-1])
+        print(f"[info] peak RSS compress 1 expert, gram_svd_mib null (LAPACK's SVD for every matrix) = "
+              f"{lapack['peak_mib']:.0f} MiB = {lapack['peak_mib'] * MIB / model_bytes:.3f} x model (wall "
+              f"{lapack['wall_s']:.0f} s)", flush=True)
+        for n in counts[1:]:
+            print(f"peak RSS {n} experts / {counts[0]} experts = {peaks[n] / peaks[counts[0]]:.3f}  (modularize; "
+                  "target <= 1.1)")
+        at = 8 if 8 in peaks else counts[-1]
+        worst = max(peaks[at], r["peak_mib"], cli["peak_mib"])
+        print(f"peak RSS / model bytes = {worst * MIB / model_bytes:.3f}  (max of modularize at {at} experts, compress "
+              f"and `twinmerge compress` = {worst:.0f} MiB, over one expert's float32 {model_bytes / MIB:.0f} MiB; "
+              "target <= 0.5)", flush=True)
+    static = {n: measure("static", workdir, n) for n in (counts if args.static or args.only_static else [])}
+    for n, s in static.items():
+        print(f"peak RSS static baseline (task arithmetic, 2-point scaling grid scored on validation) {n} experts "
+              f"= {s['peak_mib']:.0f} MiB = {s['peak_mib'] * MIB / model_bytes:.2f} x model (wall "
+              f"{s['wall_s']:.0f} s)", flush=True)
+    if static:
+        print(f"peak RSS {counts[-1]} experts / {counts[0]} experts = "
+              f"{static[counts[-1]]['peak_mib'] / static[counts[0]]['peak_mib']:.3f}  (static baseline: one scored "
+              "backbone in memory, not one per expert or grid point)", flush=True)
     print(f"total wall time = {time.perf_counter() - t0:.0f} s")
 
 
@@ -227,7 +246,9 @@ def main() -> None:
                    help="expert counts to merge (default 2,4,8)")
     p.add_argument("--workdir", type=Path, help="where the synthetic experts go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic experts")
-    p.add_argument("--static", action="store_true", help="also measure the static baselines' in-memory merge")
+    p.add_argument("--static", action="store_true",
+                   help="also measure a static baseline's build (grid merges scored on validation)")
+    p.add_argument("--only-static", action="store_true", help="measure only the static baseline's build")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -67,6 +67,18 @@ def temporary_server():
     try:
         server.start()
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            try:
+                yield server.api_url
+            finally:
+                _send_queued_logs()
     finally:
         server.stop()
+
+
+def _send_queued_logs() -> None:
+    """Send the flow's last log records (its final state...) while the server still runs: Prefect's log worker
+    sends them in the background, and after the server stopped it printed "--- Error logging to API --- All
+    connection attempts failed" at every exit."""
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)

@@ -178,6 +178,10 @@ def train_expert(task: str, params, out_dir: str | Path | None = None, progress:
                         **zoo.model_dump(exclude={"experts_dir"} | ({"lora"} if zoo.lora is None else set()))}
     scores["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
 
+    for config in getattr(model, "peft_config", {}).values():  # PEFT keeps target_modules as a set and writes it
+        for key, value in vars(config).items():                  # in hash order, which differs per process
+            if isinstance(value, set):
+                setattr(config, key, sorted(value))
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)  # LoRA: adapter_config.json + adapter_model.safetensors
         if zoo.lora:  # the labels, where twinmerge.lora reads them (a config.json would look like a full model)

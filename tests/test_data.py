@@ -524,6 +524,25 @@ def test_train_expert_with_lora_writes_an_adapter_the_pipeline_reads(tmp_path):
     assert experts.head_keys() == ["classifier.bias", "classifier.weight"]
 
 
+def test_train_expert_with_lora_is_byte_identical_across_processes(tmp_path):
+    """PEFT keeps target_modules as a set, which a process writes in its own string-hash order: the adapter
+    folder must not depend on it (processes with different PYTHONHASHSEED give the same bytes)."""
+    _tiny_expert_inputs(tmp_path)
+    code = (f"import sys; from tasks.params import ZooParams, load_params; from tasks.train_expert import train_expert\n"
+            f"params = load_params({str(tmp_path / 'params.yaml')!r})\n"
+            "params.zoo = ZooParams(**{**params.zoo.model_dump(), 'lora': {'r': 2, 'alpha': 4, "
+            "'target_modules': ['query', 'key', 'value', 'dense']}})\n"
+            "train_expert('toy', params, out_dir=sys.argv[1], progress=False, timings_dir=sys.argv[2])\n")
+    folders = []
+    for seed in ("1", "2", "3"):
+        folders.append(tmp_path / f"seed{seed}")
+        subprocess.run([sys.executable, "-c", code, str(folders[-1]), str(tmp_path / "logs")], cwd=REPO, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    first = _folder_bytes(folders[0])
+    assert json.loads(first["adapter_config.json"])["target_modules"] == ["dense", "key", "query", "value"]
+    assert all(_folder_bytes(f) == first for f in folders[1:])
+
+
 def test_lora_profile_is_the_default_with_a_lora_zoo():
     """profiles/lora.yaml differs from params.yaml only in zoo (its own experts_dir, lr, lora) and in the
     experts' paths, which point into that experts_dir: the same tasks, methods and pipeline."""

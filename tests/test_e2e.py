@@ -2,12 +2,13 @@
 cut to three tasks and six methods: the suite's longest test): the Prefect flow builds a scratch copy of the
 repository from nothing on a local Dask cluster of two worker processes (`twinmerge run --dask-workers 2`: stages
 side by side, each on a worker), then `dvc repro` over the same project recomputes nothing and `dvc status` is
-clean (the Dask path's dvc.lock is what DVC itself computes); metrics for every listed method and task, the
-bundle's `predict` routing hand-written inputs, and a second checkout that pulls everything from a DVC remote and
-runs nothing. Every registered method runs end to end on tiny models in tests/test_pipeline_steps.py; full
-fine-tunes are trained (`train-expert`) in tests/test_data.py and run through the flow in
-tests/test_e2e_incremental.py, on tiny models; the full smoke profile (six tasks, every method) is `twinmerge run` with
-profiles/smoke.yaml as params.yaml.
+clean (the Dask path's dvc.lock is what DVC itself computes). A second copy, built at the same time on the flow's
+own thread pool, gives the same dvc.lock and metrics (both on one BLAS thread per stage). Then: metrics for every
+listed method and task, the bundle's `predict` routing hand-written inputs, and a second checkout that pulls
+everything from a DVC remote and runs nothing. Every registered method runs end to end on tiny models in
+tests/test_pipeline_steps.py; full fine-tunes are trained (`train-expert`) in tests/test_data.py and run through
+the flow in tests/test_e2e_incremental.py, on tiny models; the full smoke profile (six tasks, every method) is
+`twinmerge run` with profiles/smoke.yaml as params.yaml.
 
 Needs the package registries (PyPI, Debian) unless this checkout already fetched `data/raw`.
 """
@@ -35,19 +36,27 @@ HAND_WRITTEN = {  # one input per task, none taken from the data
 }
 
 
+HISTORY = "history/evaluations.jsonl"
+# Every stage on one BLAS/OpenMP thread, in both builds: float reductions differ with the thread count, and the
+# Dask path and the thread pool split the cores differently, so only a fixed count lets their bytes be compared.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def _env(cwd: Path) -> dict[str, str]:
+    return {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
+            "PREFECT_HOME": str(cwd / ".prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+            **ONE_THREAD}
+
+
 def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
-    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(cwd / ".prefect"),
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A scratch git+DVC project: the repository's tracked files, with the smoke profile as params.yaml."""
-    root = tmp_path_factory.mktemp("e2e") / "project"
+def _scratch_project(root: Path) -> Path:
+    """A scratch git+DVC project at `root`: the repository's tracked files, with the cut smoke profile as
+    params.yaml."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.split("\0")
     for rel in filter(None, files):
@@ -70,10 +79,32 @@ def project(tmp_path_factory) -> Path:
                 ["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qm", "smoke"]):
         subprocess.run(cmd, cwd=root, check=True, capture_output=True)
     _run([sys.executable, "-m", "dvc", "config", "--local", "core.analytics", "false"], root)
-    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "--local", "store", str(root.parent / "remote")], root)
-    out = _run(["twinmerge", "run", "--project", ".", "--dask-workers", "2", "--push"], root, timeout=2400)
-    (root / "flow_result.json").write_text(out.strip().splitlines()[-1])
     return root
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> tuple[Path, Path]:
+    """(Dask build, thread-pool build) of the same scratch project, built at the same time from nothing: the
+    Prefect flow on a local Dask cluster of two worker processes, pushing to a local-folder DVC remote
+    (`twinmerge run --dask-workers 2 --push`), and the flow on its own thread pool (`twinmerge run`)."""
+    top = tmp_path_factory.mktemp("e2e")
+    dask, local = _scratch_project(top / "project"), _scratch_project(top / "local")
+    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "--local", "store", str(top / "remote")], dask)
+    runs = {root: subprocess.Popen(cmd, cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+            for root, cmd in ((dask, ["twinmerge", "run", "--project", ".", "--dask-workers", "2", "--push"]),
+                              (local, ["twinmerge", "run", "--project", "."]))}
+    for root, proc in runs.items():
+        out, err = proc.communicate(timeout=3600)
+        assert proc.returncode == 0, f"twinmerge run in {root} failed:\n{out[-3000:]}\n{err[-3000:]}"
+        (root / "flow_result.json").write_text(out.strip().splitlines()[-1])
+    return dask, local
+
+
+@pytest.fixture(scope="module")
+def project(builds) -> Path:
+    """The Dask build."""
+    return builds[0]
 
 
 @pytest.mark.e2e
@@ -85,6 +116,26 @@ def test_flow_builds_everything_then_dvc_repro_reuses_it(project):
     out = _run([sys.executable, "-m", "dvc", "repro"], project, timeout=600)
     assert "Running stage" not in out, f"dvc repro recomputed after the flow:\n{out[-2000:]}"
     assert json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], project)) == {}
+
+
+@pytest.mark.e2e
+def test_dask_and_thread_pool_builds_agree(builds):
+    """The Dask build and the thread-pool build ran the same stages to the same dvc.lock (every stage's
+    dependency, parameter and output hashes: byte-identical outputs) and the same metrics and plots. The git-tracked
+    evaluation history, a dependency of `report`, records the time of each evaluation: equal but for that."""
+    dask, local = builds
+    ran = [sorted(json.loads((root / "flow_result.json").read_text())["ran"]) for root in builds]
+    assert ran[0] == ran[1]
+    locks = [yaml.safe_load((root / "dvc.lock").read_text())["stages"] for root in builds]
+    assert sorted(locks[0]) == sorted(locks[1]) == ran[0]
+    history = [[json.loads(line) for line in (root / HISTORY).read_text().splitlines()] for root in builds]
+    assert [{**r, "time": None} for r in history[0]] == [{**r, "time": None} for r in history[1]]
+    for lock in locks:  # the one dependency that differs by design: the history records when it evaluated
+        lock["report"]["deps"] = [d for d in lock["report"]["deps"] if d["path"] != HISTORY]
+    differ = sorted(stage for stage in locks[0] if locks[0][stage] != locks[1][stage])
+    assert not differ, f"stages whose dvc.lock entries differ between the Dask and the thread-pool build: {differ}"
+    for rel in ("artifacts/eval/metrics.json", "artifacts/eval/scores.csv", "artifacts/eval/routing.csv"):
+        assert (dask / rel).read_bytes() == (local / rel).read_bytes(), rel
 
 
 @pytest.mark.e2e

@@ -9,12 +9,18 @@ import pytest
 import torch
 import yaml
 
+from transformers import AutoTokenizer
+
 from tasks.params import ParamsError, load_params
-from twinmerge.io import ExpertSet
-from twinmerge.merge import MERGE_METHODS, build_shared_expert, merge_tensor
-from twinmerge.methods import METHODS
+from tiny_models import add_word_tokenizer, make_set
+from twinmerge.io import TEMP_MARK, ExpertSet
+from twinmerge.merge import MERGE_METHODS, build_shared_expert, merge_tensor, resolve_options
+from twinmerge.methods import METHODS, Context
 from twinmerge.methods.base import DATA
-from twinmerge.methods.static import StaticMethod
+from twinmerge.methods.static import StaticMethod, grid_points
+from twinmerge.modelpool import assemble_classifier, predict_logits
+from twinmerge.shared import save_shared
+from twinmerge.taskpool import TaskPool, summarize
 
 STATIC = [k for k, m in METHODS.items() if m.kind == "static"]
 ROUTED = [k for k, m in METHODS.items() if m.kind == "routed"]
@@ -50,14 +56,105 @@ def test_linear_in_scaling_holds(key, shape):
 
 
 @pytest.mark.parametrize("key", [k for k in MERGE_METHODS if MERGE_METHODS[k].linear_in_scaling])
-def test_scaling_grid_equals_direct_merges(tiny_bert, key):
+def test_scaling_grid_equals_direct_merges(tiny_bert, tmp_path, key):
     """A static method's grid shortcut (merge once, rescale) equals merging at each scaling."""
     base, experts = tiny_bert
     pool = ExpertSet(base, experts)
-    for opts, backbone in METHODS[key].grid_backbones(pool, {}, {"scaling": [0.3, 0.8]}):
+    for opts, backbone, folder in METHODS[key].grid_backbones(pool, {}, {"scaling": [0.3, 0.8]}, tmp_path):
+        assert folder is None  # rescaled from the unit merge, not merged again
         direct, _ = build_shared_expert(pool, key, opts, progress=False)
+        assert set(backbone) == set(direct)
         for k in direct:
             torch.testing.assert_close(backbone[k], direct[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """(pool, tokenizer, {task: 20 validation texts}): a tiny bare-BERT pool of 3 experts with a word tokenizer."""
+    base, experts = make_set(tmp_path_factory.mktemp("static"), "bert", bare_backbone=True)
+    words = add_word_tokenizer(base)
+    g = torch.Generator().manual_seed(3)
+    pool = ExpertSet(base, experts)
+    texts = {name: [" ".join(words[i] for i in torch.randint(len(words), (5,), generator=g).tolist())
+                    for _ in range(20)] for name in pool.names}
+    return pool, AutoTokenizer.from_pretrained(base), texts
+
+
+def _context(scored, key, point):
+    """A Context whose validation labels are the predictions of `key` merged at grid `point` (so that point
+    scores 100 and the grid's scores differ)."""
+    pool, tokenizer, texts = scored
+    backbone, _ = build_shared_expert(pool, key, point, progress=False)
+    unlabelled = TaskPool(pool, {n: (t, [0] * len(t)) for n, t in texts.items()}, {}, tokenizer, 4, 16)
+    split = {}
+    for name in pool.names:
+        model = assemble_classifier(pool.experts[name].config, {**backbone, **unlabelled.heads[name]})
+        split[name] = (texts[name], predict_logits(model, tokenizer, texts[name], 4, 16).argmax(-1).tolist())
+    val = TaskPool(pool, split, {n: "accuracy" for n in pool.names}, tokenizer, 4, 16)
+    return Context(pool, val, {n: 100.0 for n in pool.names}, progress=False)
+
+
+def _in_memory_build(ctx, key, grid, out_dir):
+    """The static build as it was before streaming: every grid point merged in memory, the best one kept in
+    memory and saved whole."""
+    tried, best = [], None
+    for point in grid_points(grid):
+        opts = {**point}
+        backbone, _ = build_shared_expert(ctx.pool, key, opts, progress=False)
+        mean = None
+        if grid:
+            mean = summarize(ctx.validation.score_backbone(backbone), ctx.validation_reference)["mean_normalized"]
+            tried.append({"options": opts, "validation_mean_normalized": mean})
+        if best is None or mean > best[1]:
+            best = (opts, mean, backbone)
+    choice = {"options": resolve_options(key, best[0]), "validation_mean_normalized": best[1], "grid": tried}
+    save_shared(best[2], ctx.pool, out_dir, {"method": key, "choice": choice})
+    return {"choice": choice}
+
+
+@pytest.mark.parametrize("key,grid", [("task_arithmetic", {"scaling": [0.3, 0.5, 1.0, 2.0]}),  # rescaled unit
+                                      ("ties", {"density": [0.1, 0.5, 0.9], "scaling": [1.0, 2.0]}),  # merged each
+                                      ("dare", {"drop_rate": [0.3, 0.9]}),
+                                      ("weight_average", {})])
+def test_static_build_streams_the_in_memory_result(scored, tmp_path, key, grid):
+    """The streamed build (lazy grid points, one backbone materialised at a time, the chosen one streamed to
+    disk) chooses the same point and writes the same bytes as merging every point in memory; it leaves no
+    scratch folder behind."""
+    ctx = _context(scored, key, grid_points(grid)[-1])
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "new").mkdir()
+    expected = _in_memory_build(ctx, key, grid, tmp_path / "ref" / key)
+    got = METHODS[key].build(ctx, tmp_path / "new" / key, grid)
+    assert got == expected
+    if grid:
+        means = [t["validation_mean_normalized"] for t in got["choice"]["grid"]]
+        assert got["choice"]["validation_mean_normalized"] == 100.0 and min(means) < 100.0, means
+    files = sorted(p.name for p in (tmp_path / "ref" / key).iterdir())
+    assert sorted(p.name for p in (tmp_path / "new" / key).iterdir()) == files
+    for name in files:
+        assert (tmp_path / "new" / key / name).read_bytes() == (tmp_path / "ref" / key / name).read_bytes(), name
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [key]
+
+
+def test_static_build_failure_leaves_nothing(scored, tmp_path, monkeypatch):
+    """A grid point that fails to score deletes the scratch merges and writes no backbone; a scratch folder
+    that a killed build left (its process gone) is deleted by the next build."""
+    ctx = _context(scored, "ties", {})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f".ties{TEMP_MARK}{dead.stdout.strip()}-grid-x"
+    (killed / "point0").mkdir(parents=True)
+    calls = []
+
+    def score(backbone, desc="backbone", only=None):
+        calls.append(desc)
+        if len(calls) == 2:
+            raise RuntimeError("scoring failed")
+        return {n: 50.0 for n in ctx.validation.names}
+
+    monkeypatch.setattr(ctx.validation, "score_backbone", score)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        METHODS["ties"].build(ctx, tmp_path / "ties", {"density": [0.2, 0.5, 0.8]})
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("methods,problem", [

@@ -1,4 +1,4 @@
-"""flows/server.py: the temporary Prefect server of `twinmerge run` dies with it.
+"""flows/server.py: the temporary Prefect server of `twinmerge run` dies with it, and outlives the flow's last logs.
 
 `twinmerge run` runs in a subprocess on a one-stage project whose stage waits; once the stage runs (so the
 server is up and serving the flow), the run's process alone gets SIGKILL (no atexit, no signal handler), and
@@ -35,8 +35,10 @@ def _wait(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_killed_run_takes_its_temporary_server_with_it(tmp_path):
-    (tmp_path / "dvc.yaml").write_text(STAGE.format(python=sys.executable))
+def _project(tmp_path: Path, dvc_yaml: str) -> dict[str, str]:
+    """A git+DVC project in `tmp_path` with this dvc.yaml; returns the environment of a `twinmerge run` there
+    (no PREFECT_API_URL: it starts its temporary server)."""
+    (tmp_path / "dvc.yaml").write_text(dvc_yaml)
     (tmp_path / "params.yaml").write_text("base: {path: base}\n")  # `twinmerge run` validates it first
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
@@ -44,6 +46,11 @@ def test_killed_run_takes_its_temporary_server_with_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / ".prefect"), DO_NOT_TRACK="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    return env
+
+
+def test_killed_run_takes_its_temporary_server_with_it(tmp_path):
+    env = _project(tmp_path, STAGE.format(python=sys.executable))
     run = subprocess.Popen([sys.executable, "-m", "tasks.cli", "run", "--project", str(tmp_path)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     tree: list[psutil.Process] = []
@@ -65,3 +72,14 @@ def test_killed_run_takes_its_temporary_server_with_it(tmp_path):
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_a_finished_run_sends_its_last_logs_before_the_server_stops(tmp_path):
+    """The flow's last records (its final state) reach the temporary server before it stops: before, Prefect's
+    background log worker sent them after, and every `twinmerge run` ended with "--- Error logging to API ---"."""
+    env = _project(tmp_path, "stages:\n  quick:\n    cmd: echo done > out.txt\n    outs: [out.txt]\n")
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "run", "--project", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Finished in state Completed()" in done.stderr
+    assert "Error logging to API" not in done.stderr + done.stdout, done.stderr[-2000:]

@@ -36,6 +36,18 @@ def save_shared(state: dict[str, torch.Tensor], pool: ExpertSet, out_dir: str | 
                          extra_files={SHARED_META: _meta(prefix, report)})
 
 
+def stream_shared(state: Mapping[str, torch.Tensor], pool: ExpertSet, out_dir: str | Path, report: dict,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """`save_shared` for a lazy state (`SharedModel`, or a mapping that computes each tensor when looked up):
+    every tensor is looked up, written and dropped in turn, so memory holds one tensor, not the model. Shapes
+    and dtypes are the base's (a merged backbone has them); the same bytes as `save_shared` (one shard)."""
+    keys = list(state)
+    prefix, config, tokenizer_src = _backbone_folder(pool, keys)
+    specs = [(k[len(prefix):], pool.base.shape(pool.base_key(k)), pool.base.dtype(pool.base_key(k))) for k in keys]
+    return stream_hf_model(specs, ((k[len(prefix):], state[k]) for k in keys), config, out_dir, tokenizer_src,
+                           {SHARED_META: _meta(prefix, report)}, max_shard_bytes)
+
+
 def write_shared_expert(pool: ExpertSet, method: str, options: Mapping[str, Any] | None = None,
                         include: Iterable[str] = ("*",), exclude: Iterable[str] = (),
                         out_dir: str | Path = "artifacts/shared", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -151,6 +163,7 @@ class SharedModel(Mapping[str, torch.Tensor]):
     safetensors headers (one file or shards)."""
 
     def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
         self.prefix = _canonical_prefix(folder)
         self._ckpt = Checkpoint(folder, "shared")
 

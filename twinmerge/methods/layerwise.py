@@ -51,33 +51,32 @@ class LayerwiseMerging(RoutedMethod):
 
     def build(self, ctx: Context, out_dir: Path, grid: dict, *, split: int = 5, merge: str = "task_arithmetic",
               merge_options: dict | None = None, tolerance: float = 1.0) -> dict:
-        """Merge the lower layers for each grid split; keep the chosen split's backbone (its twinmerge.json records the split)."""
+        """Merge the lower layers for each grid split and score it (one model at a time); write the chosen
+        split's backbone, merged again (its twinmerge.json records the split)."""
         options = resolve_options(merge, merge_options)
         keys = ctx.pool.mergeable_keys()
         splits = sorted(set(grid.get("split", [split])))
         for s in splits:
             if not isinstance(s, int) or isinstance(s, bool) or not upper_keys(keys, s):
                 raise MergeError(f"method 'layerwise': split {s!r} must be an integer that keeps some layers")
-        tried, built = [], {}
-        for s in splits:
-            backbone = self._backbone(ctx, s, merge, options)
-            built[s] = backbone
-            if len(splits) > 1:
-                model = self._model(ctx, backbone, s)
-                val = ctx.validation
-                scores = val.score_routed(model, gold_one_hot(val.task_ids, len(val.names)), val.task_ids, 1,
-                                          desc=f"layerwise split {s} val")
-                mean = summarize(scores, ctx.validation_reference)["mean_normalized"]
-                tried.append({"options": {"split": s}, "validation_mean_normalized": mean,
-                              "stored_bytes": self._bytes(ctx, s)})
+        tried = []
+        for s in splits if len(splits) > 1 else []:  # one model at a time; the chosen backbone is merged again
+            model = self._model(ctx, self._backbone(ctx, s, merge, options), s)
+            val = ctx.validation
+            scores = val.score_routed(model, gold_one_hot(val.task_ids, len(val.names)), val.task_ids, 1,
+                                      desc=f"layerwise split {s} val")
+            del model
+            mean = summarize(scores, ctx.validation_reference)["mean_normalized"]
+            tried.append({"options": {"split": s}, "validation_mean_normalized": mean,
+                          "stored_bytes": self._bytes(ctx, s)})
         if tried:
             best = max(t["validation_mean_normalized"] for t in tried)
             chosen = max(t["options"]["split"] for t in tried if t["validation_mean_normalized"] >= best - tolerance)
             mean = next(t["validation_mean_normalized"] for t in tried if t["options"]["split"] == chosen)
         else:
             chosen, mean = splits[0], None
-        save_shared(built[chosen], ctx.pool, out_dir, {"method": self.key, "split": chosen, "merge": merge,
-                                                       "merge_options": options})
+        save_shared(self._backbone(ctx, chosen, merge, options), ctx.pool, out_dir,
+                    {"method": self.key, "split": chosen, "merge": merge, "merge_options": options})
         return {"choice": {"options": {"split": chosen, "merge": merge, "merge_options": options,
                                        "tolerance": tolerance},
                            "validation_mean_normalized": mean, "grid": tried}}

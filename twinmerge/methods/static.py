@@ -1,15 +1,24 @@
 """Static merges as methods: one backbone for every task (theta_0 + merge(tau_1..tau_n)), each task scored with
 its own head. Every merge function registered in `twinmerge.merge.MERGE_METHODS` is a static method of the
 same key; its options come from the merge function's signature, its grid is chosen on validation data.
+Merges stream to disk and the chosen backbone streams to `out_dir`: memory holds one backbone while a grid
+point is scored, whatever the number of experts (`StaticMethod.build`).
 """
 import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from twinmerge.merge import MergeMethod, build_shared_expert, resolve_options
+import torch
+
+from twinmerge.errors import MergeError
+from twinmerge.io import TEMP_MARK, sweep_stale_temps
+from twinmerge.merge import MergeMethod, resolve_options
 from twinmerge.methods.base import Context, backbone_bytes, head_bytes
 from twinmerge.progress import progress_bar
-from twinmerge.shared import load_shared, save_shared
-from twinmerge.errors import MergeError
+from twinmerge.shared import SharedModel, load_shared, stream_shared, write_shared_expert
 from twinmerge.taskpool import summarize
 
 
@@ -41,38 +50,61 @@ class StaticMethod:
     def data(self, grid: dict, options: dict | None = None) -> str:
         return "validation_labels" if grid else "none"
 
-    def grid_backbones(self, pool, options: dict, grid: dict):
-        """Yield (options, backbone) for every grid point. A method linear in `scaling` with a grid over
-        `scaling` alone merges once with scaling 1 and rescales: theta_0 + s (theta_1 - theta_0)."""
+    def grid_backbones(self, pool, options: dict, grid: dict, scratch: Path
+                       ) -> Iterator[tuple[dict, Mapping[str, torch.Tensor], Path | None]]:
+        """Yield (options, backbone, folder) for every grid point; each backbone is lazy: a tensor is read or
+        computed when looked up, so no grid point's model is held unless its consumer materialises it.
+
+        A method linear in `scaling` with a grid over `scaling` alone merges once with scaling 1 (streamed to
+        `scratch/unit` by `write_shared_expert`) and rescales per tensor: theta_0 + s (theta_1 - theta_0)
+        (`Rescaled`; folder None). Otherwise each point is merged to its own folder under `scratch`
+        (`SharedModel` of it; the consumer may delete the folder once it has no use for it)."""
         unknown = sorted(set(grid) - set(resolve_options(self.key, options)))
         if unknown:
             raise MergeError(f"method {self.key!r}: grid over unknown option(s) {', '.join(unknown)}")
         points = grid_points(grid)
         if set(grid) == {"scaling"} and self.merge.linear_in_scaling:
-            unit, _ = build_shared_expert(pool, self.key, {**options, "scaling": 1.0}, progress=False)
-            base = {k: pool.base_tensor(k) for k in unit}
+            unit = SharedModel(write_shared_expert(pool, self.key, {**options, "scaling": 1.0},
+                                                   out_dir=scratch / "unit", progress=False))
             for point in points:
-                yield {**options, **point}, {k: base[k] + point["scaling"] * (unit[k] - base[k]) for k in unit}
+                yield {**options, **point}, Rescaled(pool, unit, point["scaling"]), None
         else:
-            for point in points:
-                yield {**options, **point}, build_shared_expert(pool, self.key, {**options, **point},
-                                                                progress=False)[0]
+            for i, point in enumerate(points):
+                folder = write_shared_expert(pool, self.key, {**options, **point}, out_dir=scratch / f"point{i}",
+                                             progress=False)
+                yield {**options, **point}, SharedModel(folder), folder
 
     def build(self, ctx: Context, out_dir: Path, grid: dict, **options) -> dict:
-        """Choose the grid point with the best validation mean normalised score; save its backbone."""
-        tried, best = [], None
-        for opts, backbone in progress_bar(self.grid_backbones(ctx.pool, options, grid), total=len(grid_points(grid)),
-                                           desc=f"{self.key} grid", disable=not ctx.progress):
-            mean = None
-            if grid:
-                scores = ctx.validation.score_backbone(backbone, f"{self.key} val")
-                mean = summarize(scores, ctx.validation_reference)["mean_normalized"]
-                tried.append({"options": opts, "validation_mean_normalized": mean})
-            if best is None or mean > best[1]:
-                best = (opts, mean, backbone)
-        opts, mean, backbone = best
-        choice = {"options": resolve_options(self.key, opts), "validation_mean_normalized": mean, "grid": tried}
-        save_shared(backbone, ctx.pool, out_dir, {"method": self.key, "choice": choice})
+        """Choose the grid point with the best validation mean normalised score; write its backbone.
+
+        Memory: one materialised backbone while a point is scored (the classifiers built for its tasks share
+        its tensors), one tensor otherwise; disk: the unit merge or the best point's and the current point's
+        merges, in a scratch folder beside `out_dir` that is deleted at the end (or, after a kill, by the next
+        run: `sweep_stale_temps`)."""
+        out_dir = Path(out_dir)
+        sweep_stale_temps(out_dir)  # a killed build's scratch folder (named as atomic writes name their temporaries)
+        scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}{TEMP_MARK}{os.getpid()}-grid-"))
+        try:
+            tried, best = [], None
+            for opts, backbone, folder in progress_bar(self.grid_backbones(ctx.pool, options, grid, scratch),
+                                                       total=len(grid_points(grid)), desc=f"{self.key} grid",
+                                                       disable=not ctx.progress):
+                mean = None
+                if grid:
+                    scores = ctx.validation.score_backbone(dict(backbone), f"{self.key} val")
+                    mean = summarize(scores, ctx.validation_reference)["mean_normalized"]
+                    tried.append({"options": opts, "validation_mean_normalized": mean})
+                if best is None or mean > best[1]:
+                    if best is not None and best[3] is not None:
+                        shutil.rmtree(best[3])
+                    best = (opts, mean, backbone, folder)
+                elif folder is not None:
+                    shutil.rmtree(folder)
+            opts, mean, backbone, _ = best
+            choice = {"options": resolve_options(self.key, opts), "validation_mean_normalized": mean, "grid": tried}
+            stream_shared(backbone, ctx.pool, out_dir, {"method": self.key, "choice": choice})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return {"choice": choice}
 
     def backbone(self, out_dir: Path) -> dict:
@@ -81,3 +113,21 @@ class StaticMethod:
     def stored_bytes(self, ctx: Context, out_dir: Path) -> int:
         """One merged backbone + every task's head."""
         return backbone_bytes(ctx.pool) + head_bytes(ctx.pool)
+
+
+class Rescaled(Mapping[str, torch.Tensor]):
+    """The backbone theta_0 + s (theta_1 - theta_0) of a merge linear in its scaling, from theta_1 = the merge
+    at scaling 1 (`unit`, read lazily): each tensor computed when looked up, in the base dtype."""
+
+    def __init__(self, pool, unit: Mapping[str, torch.Tensor], scaling: float):
+        self.pool, self.unit, self.scaling = pool, unit, scaling
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        base = self.pool.base_tensor(key)
+        return base + self.scaling * (self.unit[key] - base)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.unit)
+
+    def __len__(self) -> int:
+        return len(self.unit)
