@@ -9,6 +9,7 @@ kernel signals the child when the thread that started it ends.
 """
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -79,6 +80,9 @@ def _send_queued_logs() -> None:
     """Send the flow's last log records (its final state...) while the server still runs: Prefect's log worker
     sends them in the background, and after the server stopped it printed "--- Error logging to API --- All
     connection attempts failed" at every exit."""
-    from prefect.logging.handlers import APILogWorker
+    try:
+        from prefect.logging.handlers import APILogWorker
 
-    APILogWorker.drain_all(timeout=5)
+        APILogWorker.drain_all(timeout=5)
+    except Exception as e:  # noqa: BLE001 - never hide the flow's own outcome behind a log flush
+        logging.getLogger(__name__).debug("could not send the last log records: %s", e)

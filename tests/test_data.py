@@ -528,7 +528,8 @@ def test_train_expert_with_lora_is_byte_identical_across_processes(tmp_path):
     """PEFT keeps target_modules as a set, which a process writes in its own string-hash order: the adapter
     folder must not depend on it (processes with different PYTHONHASHSEED give the same bytes)."""
     _tiny_expert_inputs(tmp_path)
-    code = (f"import sys; from tasks.params import ZooParams, load_params; from tasks.train_expert import train_expert\n"
+    code = ("import sys; from tasks.params import ZooParams, load_params\n"
+            "from tasks.train_expert import train_expert\n"
             f"params = load_params({str(tmp_path / 'params.yaml')!r})\n"
             "params.zoo = ZooParams(**{**params.zoo.model_dump(), 'lora': {'r': 2, 'alpha': 4, "
             "'target_modules': ['query', 'key', 'value', 'dense']}})\n"

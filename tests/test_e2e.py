@@ -90,14 +90,23 @@ def builds(tmp_path_factory) -> tuple[Path, Path]:
     top = tmp_path_factory.mktemp("e2e")
     dask, local = _scratch_project(top / "project"), _scratch_project(top / "local")
     _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "--local", "store", str(top / "remote")], dask)
-    runs = {root: subprocess.Popen(cmd, cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
-            for root, cmd in ((dask, ["twinmerge", "run", "--project", ".", "--dask-workers", "2", "--push"]),
-                              (local, ["twinmerge", "run", "--project", "."]))}
-    for root, proc in runs.items():
-        out, err = proc.communicate(timeout=3600)
-        assert proc.returncode == 0, f"twinmerge run in {root} failed:\n{out[-3000:]}\n{err[-3000:]}"
-        (root / "flow_result.json").write_text(out.strip().splitlines()[-1])
+    runs = {}
+    try:
+        for root, cmd in ((dask, ["twinmerge", "run", "--project", ".", "--dask-workers", "2", "--push"]),
+                          (local, ["twinmerge", "run", "--project", "."])):
+            with open(root.parent / f"{root.name}.out", "w") as out, open(root.parent / f"{root.name}.err", "w") as err:
+                runs[root] = subprocess.Popen(cmd, cwd=root, env=_env(root), stdout=out, stderr=err)
+        for root, proc in runs.items():
+            proc.wait(timeout=3600)
+        for root, proc in runs.items():
+            out, err = ((root.parent / f"{root.name}.{s}").read_text() for s in ("out", "err"))
+            assert proc.returncode == 0, f"twinmerge run in {root} failed:\n{out[-3000:]}\n{err[-3000:]}"
+            (root / "flow_result.json").write_text(out.strip().splitlines()[-1])
+    finally:
+        for proc in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return dask, local
 
 

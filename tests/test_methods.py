@@ -95,12 +95,18 @@ def _context(scored, key, point):
 
 
 def _in_memory_build(ctx, key, grid, out_dir):
-    """The static build as it was before streaming: every grid point merged in memory, the best one kept in
-    memory and saved whole."""
+    """The static build as it was before streaming: every grid point merged in memory (a scaling grid of a
+    method linear in it: merged once at scaling 1 and rescaled), the best one kept in memory and saved whole."""
     tried, best = [], None
+    rescale = set(grid) == {"scaling"} and MERGE_METHODS[key].linear_in_scaling
+    unit = build_shared_expert(ctx.pool, key, {"scaling": 1.0}, progress=False)[0] if rescale else None
     for point in grid_points(grid):
         opts = {**point}
-        backbone, _ = build_shared_expert(ctx.pool, key, opts, progress=False)
+        if rescale:
+            base = {k: ctx.pool.base_tensor(k) for k in unit}
+            backbone = {k: base[k] + point["scaling"] * (unit[k] - base[k]) for k in unit}
+        else:
+            backbone, _ = build_shared_expert(ctx.pool, key, opts, progress=False)
         mean = None
         if grid:
             mean = summarize(ctx.validation.score_backbone(backbone), ctx.validation_reference)["mean_normalized"]
@@ -112,15 +118,17 @@ def _in_memory_build(ctx, key, grid, out_dir):
     return {"choice": choice}
 
 
+@pytest.mark.parametrize("target", ["first", "last"])  # the winner first (worse points follow it) or last
 @pytest.mark.parametrize("key,grid", [("task_arithmetic", {"scaling": [0.3, 0.5, 1.0, 2.0]}),  # rescaled unit
                                       ("ties", {"density": [0.1, 0.5, 0.9], "scaling": [1.0, 2.0]}),  # merged each
                                       ("dare", {"drop_rate": [0.3, 0.9]}),
                                       ("weight_average", {})])
-def test_static_build_streams_the_in_memory_result(scored, tmp_path, key, grid):
+def test_static_build_streams_the_in_memory_result(scored, tmp_path, key, grid, target):
     """The streamed build (lazy grid points, one backbone materialised at a time, the chosen one streamed to
     disk) chooses the same point and writes the same bytes as merging every point in memory; it leaves no
     scratch folder behind."""
-    ctx = _context(scored, key, grid_points(grid)[-1])
+    points = grid_points(grid)
+    ctx = _context(scored, key, points[0] if target == "first" else points[-1])
     (tmp_path / "ref").mkdir()
     (tmp_path / "new").mkdir()
     expected = _in_memory_build(ctx, key, grid, tmp_path / "ref" / key)
@@ -129,6 +137,8 @@ def test_static_build_streams_the_in_memory_result(scored, tmp_path, key, grid):
     if grid:
         means = [t["validation_mean_normalized"] for t in got["choice"]["grid"]]
         assert got["choice"]["validation_mean_normalized"] == 100.0 and min(means) < 100.0, means
+    if target == "first":
+        assert got["choice"]["options"] == resolve_options(key, points[0])
     files = sorted(p.name for p in (tmp_path / "ref" / key).iterdir())
     assert sorted(p.name for p in (tmp_path / "new" / key).iterdir()) == files
     for name in files:
