@@ -63,7 +63,7 @@ def test_scaling_grid_equals_direct_merges(tiny_bert, tmp_path, key):
     for opts, backbone, folder in METHODS[key].grid_backbones(pool, {}, {"scaling": [0.3, 0.8]}, tmp_path):
         assert folder is None  # rescaled from the unit merge, not merged again
         direct, _ = build_shared_expert(pool, key, opts, progress=False)
-        assert set(backbone) == set(direct)
+        assert set(backbone) == set(direct) and "nope" not in backbone and backbone.get("nope") is None
         for k in direct:
             torch.testing.assert_close(backbone[k], direct[k], rtol=1e-5, atol=1e-6)
 
@@ -150,9 +150,11 @@ def test_static_build_failure_leaves_nothing(scored, tmp_path, monkeypatch):
     """A grid point that fails to score deletes the scratch merges and writes no backbone; a scratch folder
     that a killed build left (its process gone) is deleted by the next build."""
     ctx = _context(scored, "ties", {})
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    killed = tmp_path / f".ties{TEMP_MARK}{dead.stdout.strip()}-grid-x"
-    (killed / "point0").mkdir(parents=True)
+    pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                         text=True).stdout.strip()  # a process that has ended
+    for killed in (f".ties{TEMP_MARK}{pid}-grid-x",  # a build called on its final folder
+                   f"..ties{TEMP_MARK}{pid}-ab12{TEMP_MARK}{pid}-grid-x"):  # on the method step's temporary
+        (tmp_path / killed / "point0").mkdir(parents=True)
     calls = []
 
     def score(backbone, desc="backbone", only=None):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from twinmerge.errors import MergeError
-from twinmerge.io import TEMP_MARK, sweep_stale_temps
+from twinmerge.io import TEMP_MARK, sweep_stale_temps_under
 from twinmerge.merge import MergeMethod, resolve_options
 from twinmerge.methods.base import Context, backbone_bytes, head_bytes
 from twinmerge.progress import progress_bar
@@ -80,9 +80,11 @@ class StaticMethod:
         Memory: one materialised backbone while a point is scored (the classifiers built for its tasks share
         its tensors), one tensor otherwise; disk: the unit merge or the best point's and the current point's
         merges, in a scratch folder beside `out_dir` that is deleted at the end (or, after a kill, by the next
-        run: `sweep_stale_temps`)."""
+        build or `twinmerge run`: `sweep_stale_temps_under`)."""
         out_dir = Path(out_dir)
-        sweep_stale_temps(out_dir)  # a killed build's scratch folder (named as atomic writes name their temporaries)
+        # A killed build's scratch folder, named as atomic writes name their temporaries: `out_dir` may itself be
+        # such a temporary (the method step's), so every dead writer's temporaries beside it go, not only its own.
+        sweep_stale_temps_under(out_dir.parent)
         scratch = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}{TEMP_MARK}{os.getpid()}-grid-"))
         try:
             tried, best = [], None
@@ -123,8 +125,15 @@ class Rescaled(Mapping[str, torch.Tensor]):
         self.pool, self.unit, self.scaling = pool, unit, scaling
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        """In place on the unit tensor read from disk (two tensors in memory, not five): (unit - base) * s + base
+        has the bits of base + s * (unit - base), since IEEE addition and multiplication commute."""
+        if key not in self.unit:
+            raise KeyError(key)
         base = self.pool.base_tensor(key)
-        return base + self.scaling * (self.unit[key] - base)
+        return self.unit[key].sub_(base).mul_(self.scaling).add_(base)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.unit
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.unit)
