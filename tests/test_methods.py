@@ -16,7 +16,7 @@ from tiny_models import add_word_tokenizer, make_set
 from twinmerge.io import TEMP_MARK, ExpertSet
 from twinmerge.merge import MERGE_METHODS, build_shared_expert, merge_tensor, resolve_options
 from twinmerge.methods import METHODS, Context
-from twinmerge.methods.base import DATA
+from twinmerge.methods.base import DATA, expert_heads
 from twinmerge.methods.static import StaticMethod, grid_points
 from twinmerge.modelpool import assemble_classifier, predict_logits
 from twinmerge.shared import save_shared
@@ -85,10 +85,9 @@ def _context(scored, key, point):
     scores 100 and the grid's scores differ)."""
     pool, tokenizer, texts = scored
     backbone, _ = build_shared_expert(pool, key, point, progress=False)
-    unlabelled = TaskPool(pool, {n: (t, [0] * len(t)) for n, t in texts.items()}, {}, tokenizer, 4, 16)
     split = {}
     for name in pool.names:
-        model = assemble_classifier(pool.experts[name].config, {**backbone, **unlabelled.heads[name]})
+        model = assemble_classifier(pool.experts[name].config, {**backbone, **expert_heads(pool, name)})
         split[name] = (texts[name], predict_logits(model, tokenizer, texts[name], 4, 16).argmax(-1).tolist())
     val = TaskPool(pool, split, {n: "accuracy" for n in pool.names}, tokenizer, 4, 16)
     return Context(pool, val, {n: 100.0 for n in pool.names}, progress=False)
