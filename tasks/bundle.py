@@ -22,7 +22,7 @@ def bundle(params: Params, out_dir="artifacts/twin", shared_dir="artifacts/share
         log.warning("%s not found: the bundle's model card will have no scores", metrics_path)
     e = params.evaluate
     return write_bundle(out_dir, shared_dir, files, router_dir, tasks, e.max_length, e.temperature, e.top_k,
-                        metrics, params.base.repo_id)
+                        metrics, params.base.repo_id, e.max_new_tokens if params.generative else None)
 
 
 def add_arguments(parser) -> None:

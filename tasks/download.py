@@ -138,19 +138,70 @@ def copy_with_manifest(files: list[Path], out_dir: Path, source: dict) -> dict:
 
 SPLITS = ("train", "validation", "test")
 TASK_FILES = tuple(f"{split}.parquet" for split in SPLITS) + ("labels.json",)
+GENERATIVE_TASK_FILES = TASK_FILES[:-1]  # prompt/answer tables: no label names
 
 
-def check_task_files(src: str | Path) -> None:
+def task_files(generative: bool = False) -> tuple[str, ...]:
+    return GENERATIVE_TASK_FILES if generative else TASK_FILES
+
+
+def check_task_files(src: str | Path, generative: bool = False) -> None:
     """The task tables of folder `src`, checked before anything is registered or copied; one-line SourceError
-    naming the file. Checks: every TASK_FILES present; labels.json {"0": name, ...} (n entries); each split a
-    parquet table with a string column `text` and an integer column `label`, no nulls, at least one row, and
-    labels within 0..n-1."""
-    missing = [f for f in TASK_FILES if not (Path(src) / f).is_file()]
+    naming the file. Checks: every file of `task_files(generative)` present; classification: labels.json
+    {"0": name, ...} (n entries), each split a parquet table with a string column `text` and an integer column
+    `label`, no nulls, at least one row, labels within 0..n-1; generative: `check_generative_table`."""
+    missing = [f for f in task_files(generative) if not (Path(src) / f).is_file()]
     if missing:
         raise SourceError(f"{src}: task data lacks {', '.join(missing)}")
+    if generative:
+        for split in SPLITS:
+            check_generative_table(Path(src) / f"{split}.parquet")
+        return
     n = label_count(src)
     for split in SPLITS:
         check_task_table(Path(src) / f"{split}.parquet", n)
+
+
+def check_generative_table(path: Path) -> None:
+    """One split of a generative task: columns prompt (string) and answer (string, or list of strings: the
+    acceptable answers, at least one, none null), no nulls, no empty prompt, at least one row; else a one-line
+    SourceError naming the file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        table_file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path}: not a parquet table ({e})") from None
+    schema = table_file.schema_arrow
+    absent = [c for c in ("prompt", "answer") if c not in schema.names]
+    if absent:
+        raise SourceError(f"{path}: no column {' or '.join(absent)} (columns: {', '.join(schema.names)}); "
+                          "a generative task table needs prompt (string) and answer (string or list of strings)")
+    strings = (pa.types.is_string, pa.types.is_large_string)
+    answer = schema.field("answer").type
+    if not any(f(schema.field("prompt").type) for f in strings):
+        raise SourceError(f"{path}: column prompt has type {schema.field('prompt').type}, expected strings")
+    if not (any(f(answer) for f in strings) or (pa.types.is_list(answer) and any(f(answer.value_type)
+                                                                               for f in strings))):
+        raise SourceError(f"{path}: column answer has type {answer}, expected strings or lists of strings")
+    if table_file.metadata.num_rows == 0:
+        raise SourceError(f"{path}: no rows (every split needs at least one)")
+    table = table_file.read(columns=["prompt", "answer"])
+    for column in ("prompt", "answer"):
+        if table.column(column).null_count:
+            raise SourceError(f"{path}: column {column} has {table.column(column).null_count} missing values")
+    empty = pc.sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table.column("prompt"))), 0)).as_py()
+    if empty:
+        raise SourceError(f"{path}: {empty} prompt(s) empty or whitespace only")
+    if pa.types.is_list(answer):
+        answers = table.column("answer")
+        no_answer = pc.sum(pc.equal(pc.list_value_length(answers), 0)).as_py()
+        if no_answer or pc.list_flatten(answers).null_count:
+            raise SourceError(f"{path}: column answer has {no_answer} empty list(s) and "
+                              f"{pc.list_flatten(answers).null_count} missing value(s) inside lists; each row needs "
+                              "at least one acceptable answer")
 
 
 def check_task_table(path: Path, n_labels: int) -> None:
@@ -185,14 +236,14 @@ def check_task_table(path: Path, n_labels: int) -> None:
                           f"({n_labels} labels in labels.json)")
 
 
-def copy_task_data(src: str | Path, out_dir: str | Path) -> dict:
-    """Copy an expert's task tables (TASK_FILES) into out_dir atomically, with manifest.json (sha256 per file).
+def copy_task_data(src: str | Path, out_dir: str | Path, generative: bool = False) -> dict:
+    """Copy an expert's task tables (`task_files`) into out_dir atomically, with manifest.json (sha256 per file).
 
     The router and evaluate stages read these copies (artifacts/taskdata/<expert>), so DVC tracks task data
     wherever the registry keeps it."""
     src = Path(src)
-    check_task_files(src)
-    return copy_with_manifest([src / name for name in TASK_FILES], Path(out_dir), {"path": str(src)})
+    check_task_files(src, generative)
+    return copy_with_manifest([src / name for name in task_files(generative)], Path(out_dir), {"path": str(src)})
 
 
 def label_count(folder: str | Path) -> int:
@@ -220,6 +271,15 @@ def check_head_labels(name: str, config: dict, checkpoint: str | Path, data: str
                               f"{Path(data) / 'labels.json'} has {task} labels")
 
 
+def check_causal_lm(name: str, experts: ExpertSet, checkpoint: str | Path) -> None:
+    """A generative expert is a causal LM with exactly the base's tensors: a classifier (a head the base lacks)
+    registered with a generative metric is refused in one line naming its folder."""
+    if experts.head_keys():
+        extra = ", ".join(experts.head_keys()[:3])
+        raise CheckpointError(f"expert {name}: {checkpoint} has tensors the base lacks ({extra}): a generative "
+                              "metric needs a causal LM expert with the base's tensors only")
+
+
 def _source(folder: Path, record: dict) -> dict:
     """`record` plus the Hub record (with its resolved commit) of a folder that `fetch_hub` wrote."""
     if (folder / "source.json").is_file():
@@ -240,8 +300,12 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
     folder = Path(params.experts[name].path)
     experts = ExpertSet(base_dir, {name: folder})
     experts.check_finite()
-    check_task_files(params.experts[name].data)  # before anything is written: main copies the tables next
-    check_head_labels(name, experts.experts[name].config, folder, params.experts[name].data)
+    spec = params.experts[name]
+    check_task_files(spec.data, spec.generative)  # before anything is written: main copies the tables next
+    if spec.generative:
+        check_causal_lm(name, experts, folder)
+    else:
+        check_head_labels(name, experts.experts[name].config, folder, spec.data)
     return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), _source(folder, {"path": str(folder)}))
 
 
@@ -263,4 +327,4 @@ def main(args) -> None:
     else:
         name = stage_item(args.name, "download", "--name")
         download_expert(name, params, "artifacts/base", Path("artifacts/checkpoints") / name)
-        copy_task_data(params.experts[name].data, Path(TASKDATA_DIR) / name)
+        copy_task_data(params.experts[name].data, Path(TASKDATA_DIR) / name, params.experts[name].generative)

@@ -1,7 +1,7 @@
 """Step `evaluate`: gather the reference rows and every listed method's rows -> `artifacts/eval/`.
 
 Rows (metrics.json `methods`), in order: `experts` (each expert on its own task: the upper bound, normalised
-100 by definition) and `base_heads` (from `score_experts`), then each method of `params.methods.static` and
+100 by definition) and `base_heads` (generative registries: `base`, zero-shot; from `score_experts`), then each method of `params.methods.static` and
 `params.methods.routed` in the order listed (from `artifacts/eval/methods/<key>.json`, written by `method`).
 Every row carries its label, whether it uses the task id at inference (`uses_task_id`), the data it learned
 or selected from (`data`), the bytes it stores to serve every task (`stored_bytes`), per-task test scores (x100)

@@ -7,6 +7,10 @@ stores: a merged backbone, masks, deltas, or a record of Twin-Merging's artifact
 learned or selected from, stored bytes and per-task test scores (x100); `evaluate` gathers these.
 Options in a method's `grid` are chosen on the validation splits (normalised by the experts' validation scores
 from `score_experts`); the test splits are used once, to score.
+
+Generative registries (causal LM experts, `Params.generative`) are scored by `twinmerge.genpool` on generated
+text: a static merge is one causal LM for every task (no task id), a routed method generates each prompt under
+its routing weights (`evaluate_routed_lm`).
 """
 import json
 import random
@@ -18,6 +22,7 @@ from transformers import AutoTokenizer
 from tasks.modularize import open_pool
 from tasks.params import METHOD_KINDS, Params, ParamsError, load_params, stage_item
 from tasks.taskdata import load_registry_split
+from twinmerge.genpool import GenerativeTaskPool
 from twinmerge.io import atomic_dir, write_json_atomic
 from twinmerge.methods import METHODS, Context
 from twinmerge.methods.base import backbone_bytes, gold_one_hot, head_bytes, more_data, result_row, router_bytes
@@ -26,19 +31,23 @@ from twinmerge.taskpool import TaskPool
 RESULT_FORMAT = "twinmerge-method-result/1"
 
 
-def task_pool(params: Params, pool, split: str, tokenizer, capped: bool = True) -> TaskPool:
-    """The task pool of one split. The validation pool that methods select options on keeps at most
-    `evaluate.selection_max_per_task` inputs per task: a seeded random subset (seed `params.seed`), in order;
-    `capped=False` gives the whole split (what learning methods learn from)."""
+def task_pool(params: Params, pool, split: str, tokenizer, capped: bool = True) -> TaskPool | GenerativeTaskPool:
+    """The task pool of one split (generative registries: a `GenerativeTaskPool`). The validation pool that
+    methods select options on keeps at most `evaluate.selection_max_per_task` inputs per task: a seeded random
+    subset (seed `params.seed`), in order; `capped=False` gives the whole split (what learning methods learn
+    from)."""
     data = load_registry_split(params, split)
-    cap = params.evaluate.selection_max_per_task
-    if split == "validation" and cap is not None and capped:
-        data = {name: _subset(texts, labels, cap, params.seed) for name, (texts, labels) in data.items()}
-    return TaskPool(pool, data, {n: e.metric for n, e in params.experts.items()},
-                    tokenizer, params.evaluate.batch_size, params.evaluate.max_length)
+    e = params.evaluate
+    if split == "validation" and e.selection_max_per_task is not None and capped:
+        data = {name: _subset(texts, labels, e.selection_max_per_task, params.seed)
+                for name, (texts, labels) in data.items()}
+    metrics = {n: spec.metric for n, spec in params.experts.items()}
+    if params.generative:
+        return GenerativeTaskPool(data, metrics, tokenizer, e.batch_size, e.max_new_tokens, e.max_length, pool=pool)
+    return TaskPool(pool, data, metrics, tokenizer, e.batch_size, e.max_length)
 
 
-def _subset(texts: list[str], labels: list[int], cap: int, seed: int) -> tuple[list[str], list[int]]:
+def _subset(texts: list[str], labels: list, cap: int, seed: int) -> tuple[list[str], list]:
     if len(texts) <= cap:
         return texts, labels
     keep = sorted(random.Random(seed).sample(range(len(texts)), cap))
@@ -59,6 +68,42 @@ def routing_stats(names: list[str], weights: torch.Tensor, task_ids: torch.Tenso
             "confusion": confusion.tolist()}
 
 
+def _routing(ctx: Context, names: list[str], weights: torch.Tensor, task_ids: torch.Tensor) -> dict:
+    """routing_stats on test plus the router's options, holdout accuracy and feature recipe."""
+    router = ctx.artifacts / "router"
+    recipe = json.loads((router / "router.json").read_text())["config"]
+    return {**routing_stats(names, weights, task_ids), "temperature": ctx.temperature, "top_k": ctx.top_k,
+            "holdout_accuracy": json.loads((router / "report.json").read_text())["holdout_accuracy"],
+            "features": {k: recipe[k] for k in ("layers", "pooling", "max_length")}}
+
+
+def _mode_weights(mode, weights: torch.Tensor | None, task_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """A mode's per-input weights [N, n]: the router's, one-hot on the router's choice, or one-hot on the gold task."""
+    if mode.weights == "gold":
+        return gold_one_hot(task_ids, n)
+    return weights if mode.weights == "router" else gold_one_hot(weights.argmax(1), n)
+
+
+def evaluate_routed_lm(method, ctx: Context, out_dir: Path, test: GenerativeTaskPool, key: str,
+                       data: str) -> tuple[dict, dict]:
+    """Rows of a routed method over causal LMs (its `generative_modes`: no heads, so a mode is its weights; plus
+    its static rows, one model for every task) and routing statistics on test. Each prompt is generated under
+    its mode's weights; a misrouted prompt is generated by the wrong mixture and scored as generated."""
+    stored = method.stored_bytes(ctx, out_dir)
+    rows = {row: _row(method, label, False, "none", backbone_bytes(ctx.pool), test.score_backbone(backbone, row))
+            for row, (label, backbone) in method.static_rows(ctx, out_dir).items()}
+    model = method.model_lm(ctx, out_dir)
+    n, task_ids = len(test.names), test.task_ids
+    weights = method.router_weights(ctx, test.prompts)
+    for mode_name, mode in method.generative_modes.items():
+        row = f"{key}_{mode_name}"
+        top_k = ctx.top_k if mode.weights == "router" else 1
+        stored_row = stored + (router_bytes(ctx.artifacts) if mode.data != "none" else 0)
+        scores = test.score_routed(model, _mode_weights(mode, weights, task_ids, n), top_k, desc=row)
+        rows[row] = _row(method, mode.label, mode.uses_task_id, more_data(data, mode.data), stored_row, scores)
+    return rows, _routing(ctx, test.names, weights, task_ids)
+
+
 def evaluate_routed(method, ctx: Context, out_dir: Path, test: TaskPool, key: str, data: str) -> tuple[dict, dict]:
     """Rows of a routed method (one per mode, plus its static rows) and routing statistics on test."""
     stored = method.stored_bytes(ctx, out_dir)
@@ -71,8 +116,7 @@ def evaluate_routed(method, ctx: Context, out_dir: Path, test: TaskPool, key: st
     weights = method.router_weights(ctx, test.texts) if needs_router else None
     computed = {}  # top_k -> (weights, heads, logits) of the last mode run: rows equal there are reused
     for mode_name, mode in method.modes.items():
-        w = {"router": weights, "gold": gold_one_hot(task_ids, n),
-             "router_argmax": None if weights is None else gold_one_hot(weights.argmax(1), n)}[mode.weights]
+        w = _mode_weights(mode, weights, task_ids, n)
         heads = task_ids if mode.heads == "gold" else weights.argmax(1)
         top_k = ctx.top_k if mode.weights == "router" else 1
         row = f"{key}_{mode_name}"
@@ -81,14 +125,7 @@ def evaluate_routed(method, ctx: Context, out_dir: Path, test: TaskPool, key: st
         stored_row = stored + (router_bytes(ctx.artifacts) if mode.data != "none" else 0)
         rows[row] = _row(method, mode.label, mode.uses_task_id, more_data(data, mode.data), stored_row,
                          test.score_logits(logits, heads))
-    routing = None
-    if weights is not None:
-        router = ctx.artifacts / "router"
-        recipe = json.loads((router / "router.json").read_text())["config"]
-        routing = {**routing_stats(test.names, weights, task_ids), "temperature": ctx.temperature, "top_k": ctx.top_k,
-                   "holdout_accuracy": json.loads((router / "report.json").read_text())["holdout_accuracy"],
-                   "features": {k: recipe[k] for k in ("layers", "pooling", "max_length")}}
-    return rows, routing
+    return rows, None if weights is None else _routing(ctx, test.names, weights, task_ids)
 
 
 def run_method(params: Params, kind: str, key: str, artifacts: str | Path = "artifacts", progress: bool = True) -> dict:
@@ -107,7 +144,7 @@ def run_method(params: Params, kind: str, key: str, artifacts: str | Path = "art
     ctx = Context(pool, task_pool(params, pool, "validation", tokenizer), reference,
                   task_pool(params, pool, "validation", tokenizer, capped=False), params.seed,
                   {n: list(texts) for n, (texts, _) in test.split.items()} if data == "test_inputs" else None,
-                  artifacts, params.evaluate.temperature, params.evaluate.top_k, progress)
+                  artifacts, params.evaluate.temperature, params.evaluate.top_k, progress, params.generative)
     out_dir = artifacts / "methods" / key
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out_dir) as tmp:
@@ -115,9 +152,12 @@ def run_method(params: Params, kind: str, key: str, artifacts: str | Path = "art
     if method.kind == "static":
         tta = ", adapted on unlabelled TEST inputs: the paper's protocol, not comparable" if data == "test_inputs" \
             else ""
-        rows = {key: _row(method, f"{method.label}{method.variant(spec.options)} (task id picks the head{tta})", True, data,
+        how = "one causal LM for every task, no task id" if ctx.generative else f"task id picks the head{tta}"
+        rows = {key: _row(method, f"{method.label}{method.variant(spec.options)} ({how})", not ctx.generative, data,
                           method.stored_bytes(ctx, out_dir), test.score_backbone(method.backbone(out_dir), key))}
         routing = None
+    elif ctx.generative:
+        rows, routing = evaluate_routed_lm(method, ctx, out_dir, test, key, data)
     else:
         rows, routing = evaluate_routed(method, ctx, out_dir, test, key, data)
     result = {"format": RESULT_FORMAT, "key": key, "kind": kind, "spec": spec.model_dump(), "rows": rows,

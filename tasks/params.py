@@ -183,8 +183,10 @@ class ExpertSpec(_Strict):
     """One expert of the registry: its local checkpoint folder and the task data that evaluates it.
 
     `path` is a folder in Hugging Face layout: the embedded zoo's output, any local fine-tune, or the folder a
-    `hub_sources` entry is fetched into (`data/hub/<name>`). `data` holds train/validation/test parquet
-    tables with columns text, label and a labels.json; `metric` names a `twinmerge.metrics` metric.
+    `hub_sources` entry is fetched into (`data/hub/<name>`). `data` holds train/validation/test parquet tables:
+    for a classification metric columns text, label and a labels.json; for a generative metric (a causal LM's
+    task, `twinmerge.genpool`) columns prompt, answer (a string, or a list of acceptable strings).
+    `metric` names a `twinmerge.metrics` metric.
     """
 
     path: str
@@ -194,19 +196,23 @@ class ExpertSpec(_Strict):
 
     @field_validator("metric")
     @classmethod
-    def _classification_metric(cls, v):
+    def _known_metric(cls, v):
         from twinmerge.metrics import CLASSIFICATION_METRICS, GENERATIVE_METRICS, METRICS
 
-        if v in GENERATIVE_METRICS:
-            raise ValueError(f"{v} is a generative metric; the pipeline's stages evaluate classification experts "
-                             "only (generative tasks are scored by the library's twinmerge.genpool, not by a "
-                             f"stage yet); use one of {', '.join(CLASSIFICATION_METRICS)}")
-        if v in METRICS and v not in CLASSIFICATION_METRICS:
-            raise ValueError(f"{v} is a regression metric; twinmerge evaluates classification experts only "
-                             f"(argmax over class logits); use one of {', '.join(CLASSIFICATION_METRICS)}")
+        usable = ", ".join(CLASSIFICATION_METRICS + GENERATIVE_METRICS)
+        if v in METRICS and v not in CLASSIFICATION_METRICS + GENERATIVE_METRICS:
+            raise ValueError(f"{v} is a regression metric; twinmerge evaluates classification experts (argmax over "
+                             f"class logits) and generative ones (generated text); use one of {usable}")
         if v not in METRICS:
-            raise ValueError(f"unknown metric {v!r}; use one of {', '.join(CLASSIFICATION_METRICS)}")
+            raise ValueError(f"unknown metric {v!r}; use one of {usable}")
         return v
+
+    @property
+    def generative(self) -> bool:
+        from twinmerge.metrics import GENERATIVE_METRICS
+
+        return self.metric in GENERATIVE_METRICS
+
 
 class MergeParams(_Strict):
     """The shared expert: `method`/`options` over the tensors matching `include` and no `exclude` pattern, of the
@@ -365,6 +371,9 @@ class EvaluateParams(_Strict):
     regression_threshold: float = Field(2.0, ge=0)
     # Methods choose grid options on at most this many validation inputs per task (seeded subset; null: all).
     selection_max_per_task: int | None = Field(None, ge=1)
+    # Generative tasks (causal LMs): greedy generation of at most this many new tokens per prompt; max_length is
+    # then the number of prompt tokens kept (the last ones).
+    max_new_tokens: int = Field(32, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -403,6 +412,31 @@ class Params(_Strict):
             raise ValueError(f"merge.experts: {', '.join(unknown)} not registered under experts (remove it from "
                              "merge.experts, or `twinmerge expert remerge` to merge every expert)")
         return self
+
+    @model_validator(mode="after")
+    def _one_kind_of_task(self, info: ValidationInfo):
+        """Every expert classification or every expert generative; a generative registry runs only the methods
+        that can build a causal LM (the static merges and Twin-Merging)."""
+        kinds = {spec.generative for spec in self.experts.values()}
+        if len(kinds) > 1:
+            gen = [n for n, spec in self.experts.items() if spec.generative]
+            raise ValueError(f"experts: {', '.join(gen)} have generative metrics and the others classification ones; "
+                             "a registry is all classification experts or all generative ones (causal LMs)")
+        if kinds == {True} and not (info.context and not info.context.get("registry", True)):
+            from twinmerge.methods import METHODS
+
+            for kind in METHOD_KINDS:
+                for key, spec in getattr(self.methods, kind).items():
+                    if not METHODS[spec.method].generative:
+                        raise ValueError(f"methods.{kind}.{key}: {spec.method!r} builds classifiers only (heads, "
+                                         "logits); generative experts (causal LMs) run the static merges and "
+                                         "Twin-Merging (twin)")
+        return self
+
+    @property
+    def generative(self) -> bool:
+        """Whether the registry's experts are causal LMs scored on generated text (`twinmerge.genpool`)."""
+        return any(spec.generative for spec in self.experts.values())
 
     @property
     def shared_experts(self) -> list[str]:

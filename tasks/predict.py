@@ -1,5 +1,6 @@
 """`twinmerge predict`: route raw texts through a Twin-Merging bundle and print, per input, the routed task,
-the routing weights and the predicted label (a table, or JSON lines with --json).
+the routing weights and the predicted label, or for a bundle of causal LMs the generation (a table, or JSON
+lines with --json).
 
 Bad input is one line naming the file or option: a --file that is not UTF-8, an empty text argument (refused
 with its position, never routed to an arbitrary task), --top-k below 1, an unreadable bundle file."""
@@ -46,4 +47,7 @@ def main(args) -> None:
             print(json.dumps(r, ensure_ascii=False))
             continue
         weights = " ".join(f"{n}={w:.2f}" for n, w in sorted(r["weights"].items(), key=lambda kv: -kv[1])[:3])
+        if "generation" in r:
+            print(f"{r['task']:>14} | {weights} | {r['text'][:40]} -> {r['generation'].strip()[:60]}")
+            continue
         print(f"{r['task']:>14} | {r['label']:<16} p={r['probability']:.2f} | {weights} | {r['text'][:60]}")

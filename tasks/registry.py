@@ -25,10 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.download import (_checkpoint_files, check_head_labels, check_task_files, fetch_hub, resolve_base,
-                            sha256_file)
+from tasks.download import (_checkpoint_files, check_causal_lm, check_head_labels, check_task_files, fetch_hub,
+                            resolve_base, sha256_file)
 from tasks.params import ExpertSpec, HubSource, Params, ParamsError, check_name, load_params, read_yaml
 from twinmerge.errors import CheckpointError, SourceError, TwinMergeError
+from twinmerge.io import ExpertSet
+from twinmerge.metrics import GENERATIVE_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +287,6 @@ def base_folder(params: Params) -> Path:
 def validate_expert(name: str, folder: str | Path, base: str | Path) -> dict:
     """ExpertSet(base, {name: folder}) + check_finite; any problem -> one-line CheckpointError. Returns the
     expert's config (a LoRA adapter folder's: the base's with the adapter's label fields)."""
-    from twinmerge.io import ExpertSet
     from twinmerge.lora import is_adapter_folder
 
     folder = Path(folder)
@@ -317,21 +318,35 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
     if name in params.experts and not replace:
         raise ParamsError(f"{params_path}: experts: '{name}' is already registered (use --replace)")
     try:
-        ExpertSpec._classification_metric(metric)  # the params schema's rule (regression metrics refused)
+        ExpertSpec._known_metric(metric)  # the params schema's rule (regression metrics refused)
     except ValueError as exc:
         raise ParamsError(f"expert add: --metric: {exc}") from None
-    check_task_files(data)
+    generative = metric in GENERATIVE_METRICS
+    others = [n for n in params.experts if n != name]
+    if others and params.generative != generative:
+        kind, registered = ("generative", "classification") if generative else ("classification", "generative")
+        raise ParamsError(f"expert add: --metric {metric} is a {kind} metric, but {params_path} registers "
+                          f"{registered} experts; a registry is all classification experts or all generative ones "
+                          "(causal LMs)")
+    check_task_files(data, generative)
     base = base_folder(params)
     hub = None
     if repo_id is None:
-        check_head_labels(name, validate_expert(name, path, base), Path(path), data)
+        config = validate_expert(name, path, base)
+        if generative:
+            check_causal_lm(name, ExpertSet(base, {name: path}), path)
+        else:
+            check_head_labels(name, config, Path(path), data)
     else:
         source = HubSource(repo_id=repo_id, subfolder=subfolder, revision=revision)
         Path(HUB_DIR).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=HUB_DIR, prefix=f".validate-{name}.") as tmp:
             fetch_hub(source, Path(tmp) / name, api=api, snapshot_download=snapshot_download)
             config = validate_expert(name, Path(tmp) / name, base)
-            check_head_labels(name, config, Path(tmp) / name, data)
+            if generative:
+                check_causal_lm(name, ExpertSet(base, {name: Path(tmp) / name}), Path(tmp) / name)
+            else:
+                check_head_labels(name, config, Path(tmp) / name, data)
         hub = source.model_dump(exclude_none=True)
         path = f"{HUB_DIR}/{name}"
     entry = {"path": str(path), "task": task, "data": str(data), "metric": metric}
@@ -385,7 +400,8 @@ def add_arguments(parser) -> None:
     add.add_argument("--subfolder")
     add.add_argument("--revision", default="main")
     add.add_argument("--task", required=True)
-    add.add_argument("--data", required=True, help="task tables folder (train/validation/test.parquet, labels.json)")
+    add.add_argument("--data", required=True, help="task tables folder: train/validation/test.parquet (text, "
+                     "label) + labels.json, or (prompt, answer) for a generative metric")
     add.add_argument("--metric", default="accuracy")
     add.add_argument("--replace", action="store_true", help="overwrite an expert of the same name")
     add.add_argument("--no-event", action="store_true", help="do not emit the Prefect event expert.added")

@@ -38,6 +38,10 @@ def fit_router(params: Params, shared_dir: str | Path = "artifacts/shared", out_
     labels = torch.tensor([i for i, name in enumerate(names) for _ in splits[name][0]])
     model = AutoModel.from_pretrained(shared_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(shared_dir)
+    if params.generative:  # a causal LM reads a prompt left to right: pad on the right (positions from 0, as
+        tokenizer.padding_side = "right"  # unpadded), with eos where the tokenizer has no pad token (GPT-2)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     r = params.router
     with one_thread():  # bit-identical routers whatever threads the flow gives this stage (1 or all cores)
         features = extract_features(model, tokenizer, texts, layers=tuple(r.layers), pooling=r.pooling,

@@ -4,6 +4,7 @@ Each expert on its own task (validation: the selection subset methods choose opt
 normalisation reference, 100 normalised by definition)
 and the pretrained base backbone with each task's expert head (test), with their stored bytes. Methods select
 their options against the validation scores; `evaluate` normalises every row by the test scores.
+Generative registries (causal LMs, no heads): the base row is the base model itself, zero-shot (`base`).
 """
 from pathlib import Path
 
@@ -19,6 +20,10 @@ ROWS = {
     "experts": ("Individual experts (upper bound; task id picks the expert)", True),
     "base_heads": ("Base model + expert heads (task id picks the head)", True),
 }
+GENERATIVE_ROWS = {
+    "experts": ROWS["experts"],
+    "base": ("Base model, zero-shot (one causal LM for every task, no task id)", False),
+}
 
 
 def score_experts(params: Params, artifacts: str | Path = "artifacts") -> dict:
@@ -28,11 +33,13 @@ def score_experts(params: Params, artifacts: str | Path = "artifacts") -> dict:
     val, test = (task_pool(params, pool, s, tokenizer) for s in ("validation", "test"))
     backbone, heads = backbone_bytes(pool), head_bytes(pool)
     base = {k: pool.base_tensor(k) for k in pool.mergeable_keys()}
-    scores = {"experts": test.score_experts(), "base_heads": test.score_backbone(base, "base")}
-    stored = {"experts": len(pool.names) * backbone + heads, "base_heads": backbone + heads}
+    rows = GENERATIVE_ROWS if params.generative else ROWS
+    base_row = list(rows)[1]
+    scores = {"experts": test.score_experts(), base_row: test.score_backbone(base, "base")}
+    stored = {"experts": len(pool.names) * backbone + heads, base_row: backbone + heads}
     out = {"tasks": list(pool.names), "validation": val.score_experts(), "test": scores["experts"],
            "rows": {row: result_row(label, row, None, uses, "none", stored[row], scores[row])
-                    for row, (label, uses) in ROWS.items()}}
+                    for row, (label, uses) in rows.items()}}
     write_json_atomic(out, artifacts / "eval" / "experts.json")
     return out
 

@@ -109,11 +109,11 @@ def test_regression_metrics_are_refused_for_experts(metric, tmp_path):
 
 
 @pytest.mark.parametrize("metric", ["exact_match", "rouge_l"])
-def test_generative_metrics_are_refused_for_pipeline_experts(metric, tmp_path):
-    """The stages score class logits; a generative expert is refused up front, naming the library API."""
-    from tasks.params import ParamsError, load_params
+def test_generative_metrics_make_a_generative_registry(metric, tmp_path):
+    """A generative metric makes the expert a causal LM's task (scored by twinmerge.genpool in the stages)."""
+    from tasks.params import load_params
 
     (tmp_path / "params.yaml").write_text(
         "base: {path: b}\nexperts:\n  qa: {path: e, task: qa, data: d, metric: %s}\n" % metric)
-    with pytest.raises(ParamsError, match=f"experts.qa.metric: {metric} is a generative metric.*twinmerge.genpool"):
-        load_params(tmp_path / "params.yaml")
+    params = load_params(tmp_path / "params.yaml")
+    assert params.generative and params.experts["qa"].generative

@@ -3,7 +3,9 @@
 Layout (`twinmerge-bundle/1`):
     README.md                      model card (Hugging Face layout: metadata block, scores, bytes, how to load)
     twin.json                      experts (order = routing column), their tasks and label names, routing options
-                                   (temperature, top_k) and the classification max_length
+                                   (temperature, top_k) and the classification max_length; for causal LM
+                                   experts `generative: true`, no labels, max_new_tokens (greedy generation)
+                                   and max_length = prompt tokens kept
     shared/                        the shared expert (HF backbone folder + tokenizer, see `twinmerge.shared`)
     exclusive/<expert>.safetensors each expert's SVD factors and its own head (see docs/DESIGN.md)
     router/                        router weights + router.json (with its feature recipe) + tokenizer/
@@ -23,6 +25,8 @@ import torch
 from transformers import AutoTokenizer
 
 from twinmerge.card import model_card
+from twinmerge.decoder import RoutedCausalLM
+from twinmerge.genpool import GenerativeTaskPool, assemble_causal_lm
 from twinmerge.routed import RoutedDeltaModel
 from twinmerge.errors import CheckpointError, InputError
 from twinmerge.exclusive import load_factors
@@ -36,12 +40,14 @@ BUNDLE_FORMAT = "twinmerge-bundle/2"
 
 def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict[str, Path], router_dir: str | Path,
                  tasks: dict[str, str], max_length: int, temperature: float = 1.0, top_k: int | None = None,
-                 metrics: dict | None = None, base_model: str | None = None) -> Path:
+                 metrics: dict | None = None, base_model: str | None = None,
+                 max_new_tokens: int | None = None) -> Path:
     """Copy the pipeline's outputs into one bundle folder, atomically (temp folder, then rename), with its model
     card (README.md, `twinmerge.card`: `metrics` is the evaluation's metrics.json, `base_model` a Hub repo id).
 
     Files are copied by the OS (`shutil.copy2`, in chunks), never loaded: memory does not depend on the model's
-    size; a factor file is checked and its labels read from its header alone."""
+    size; a factor file is checked and its labels read from its header alone. max_new_tokens (not None): the
+    experts are causal LMs, the bundle generates (no labels)."""
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(shared_dir, tmp / "shared")
         shutil.copytree(router_dir, tmp / "router")
@@ -50,9 +56,11 @@ def write_bundle(out_dir: str | Path, shared_dir: str | Path, factor_files: dict
         for name, path in factor_files.items():
             shutil.copy2(path, tmp / "exclusive" / f"{name}.safetensors")
             config = config_from_dict(load_factors(path, data=False).config)
-            labels[name] = [str(config.id2label[i]) for i in range(config.num_labels)]
+            labels[name] = [] if max_new_tokens else [str(config.id2label[i]) for i in range(config.num_labels)]
         meta = {"format": BUNDLE_FORMAT, "experts": list(factor_files), "tasks": tasks, "labels": labels,
                 "max_length": max_length, "temperature": temperature, "top_k": top_k}
+        if max_new_tokens:
+            meta.update(generative=True, max_new_tokens=max_new_tokens)
         (tmp / "twin.json").write_text(json.dumps(meta, indent=2))
         (tmp / "README.md").write_text(model_card(tmp, meta, metrics, base_model, Path(out_dir).name))
     return Path(out_dir)
@@ -81,6 +89,10 @@ def read_meta(meta_path: Path) -> dict:
     for name in meta["experts"]:
         if not isinstance(name, str) or name not in meta["tasks"] or not isinstance(meta["labels"].get(name), list):
             raise CheckpointError(f"{meta_path}: expert {name!r} lacks its entry in 'tasks' or 'labels'")
+    if meta.get("generative", False) is not False and (meta["generative"] is not True or not (
+            isinstance(meta.get("max_new_tokens"), int) and meta["max_new_tokens"] >= 1)):
+        raise CheckpointError(f"{meta_path}: 'generative' must be true or false, and a generative bundle needs "
+                              "an integer max_new_tokens >= 1")
     return meta
 
 
@@ -102,10 +114,15 @@ class TwinBundle:
     tokenizer: object
     feature_model: torch.nn.Module
     router: SavedRouter
-    dynamic: RoutedDeltaModel
+    dynamic: RoutedDeltaModel  # a RoutedCausalLM for causal LM experts
     max_length: int
     temperature: float
     top_k: int | None
+    max_new_tokens: int | None = None  # set: causal LM experts, `predict` generates
+
+    @property
+    def generative(self) -> bool:
+        return self.max_new_tokens is not None
 
     @classmethod
     def load(cls, folder: str | Path) -> "TwinBundle":
@@ -113,22 +130,38 @@ class TwinBundle:
         meta = read_meta(folder / "twin.json")
         factors = [load_factors(folder / "exclusive" / f"{n}.safetensors") for n in meta["experts"]]
         shared = load_shared(folder / "shared")
-        head = factors[0].head
-        feature_model = assemble_classifier(factors[0].config, {**shared, **head})
-        dynamic = RoutedDeltaModel(assemble_classifier(factors[0].config, {**shared, **head}), factors)
+        generative = meta.get("generative", False)
+        if generative:  # float32 once: both models hold the same tensors (`assemble_causal_lm` assigns them)
+            shared = {k: v.float() if v.is_floating_point() else v for k, v in shared.items()}
+            feature_model = assemble_causal_lm(factors[0].config, shared)
+            dynamic = RoutedCausalLM(assemble_causal_lm(factors[0].config, shared), factors)
+        else:
+            head = factors[0].head
+            feature_model = assemble_classifier(factors[0].config, {**shared, **head})
+            dynamic = RoutedDeltaModel(assemble_classifier(factors[0].config, {**shared, **head}), factors)
         router = load_router(folder / "router")
         router.check_feature_model(folder / "shared")
         tokenizer = AutoTokenizer.from_pretrained(folder / "shared")
         return cls(meta["experts"], meta["tasks"], meta["labels"], tokenizer, feature_model, router, dynamic,
-                   meta["max_length"], meta["temperature"], meta["top_k"])
+                   meta["max_length"], meta["temperature"], meta["top_k"],
+                   meta["max_new_tokens"] if generative else None)
 
     @torch.inference_mode()
     def predict(self, texts: list[str], batch_size: int = 32, top_k: int | None = None) -> list[dict]:
         """Per text: routed expert and task (argmax), routing weights, predicted label and its probability.
-        Empty texts and top_k < 1 are refused (`check_inputs`)."""
+        Empty texts and top_k < 1 are refused (`check_inputs`). A generative bundle gives, instead of the label,
+        the greedy generation of at most max_new_tokens new tokens (`generation`)."""
         check_inputs(texts, top_k)
         features = self.router.features(self.feature_model, texts, batch_size=batch_size, progress=False)
         weights = route(self.router.router, features, self.temperature, top_k if top_k is not None else self.top_k)
+        if self.generative:
+            pool = GenerativeTaskPool({"prompts": (texts, [""] * len(texts))}, {"prompts": "exact_match"},
+                                      self.tokenizer, batch_size, self.max_new_tokens, self.max_length)
+            generations = pool.generate(self.dynamic, texts, weights, top_k if top_k is not None else self.top_k)
+            names = [self.experts[int(w.argmax())] for w in weights]
+            return [{"text": text, "expert": name, "task": self.tasks[name],
+                     "weights": {n: round(float(x), 4) for n, x in zip(self.experts, w)}, "generation": g}
+                    for text, name, w, g in zip(texts, names, weights, generations)]
         logits = map_batches(lambda idx, enc: self.dynamic(**enc, weights=weights[torch.tensor(idx)]).logits,
                              self.tokenizer, texts, batch_size, self.max_length)
         out = []

@@ -21,9 +21,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
-def _metadata(base_model: str | None) -> str:
-    meta = {"library_name": "twinmerge", "pipeline_tag": "text-classification",
-            "tags": ["twin-merging", "model-merging", "text-classification"]}
+def _metadata(base_model: str | None, generative: bool = False) -> str:
+    task = "text-generation" if generative else "text-classification"
+    meta = {"library_name": "twinmerge", "pipeline_tag": task, "tags": ["twin-merging", "model-merging", task]}
     if base_model:
         meta["base_model"] = base_model
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
@@ -74,7 +74,8 @@ def model_card(folder: str | Path, meta: Mapping, metrics: Mapping | None, base_
                 (folder / "exclusive" / f"{n}.safetensors").stat().st_size for n in meta["experts"]},
              "router (`router/`)": _folder_bytes(folder / "router")}
     storage = (metrics or {}).get("storage", {})
-    lines = [_metadata(base_model),
+    generative = meta.get("generative", False)
+    lines = [_metadata(base_model, generative),
              "# Twin-Merging bundle", "",
              f"One shared expert and the exclusive knowledge of {len(meta['experts'])} experts "
              f"({', '.join(meta['experts'])}), stored as truncated-SVD factors and merged per input by a router "
@@ -87,11 +88,14 @@ def model_card(folder: str | Path, meta: Mapping, metrics: Mapping | None, base_
     if "exclusive_ratio" in storage:
         lines += ["", f"The exclusive factors hold {100 * storage['exclusive_ratio']:.2f}% of the bytes of the "
                       "experts' dense float32 task vectors."]
+    example, what = (("a prompt", "per prompt: routed expert, task, weights, generation") if generative else
+                     ("a text to classify", "per text: routed expert, task, weights, label"))
     lines += ["", "## How to load", "",
               f"With this project installed (`pip install -e .` in its repository), from the folder that holds `{name}/`:", "", "```bash",
-              f"twinmerge predict --bundle {name} \"a text to classify\"", "```", "", "```python",
+              f"twinmerge predict --bundle {name} \"{example}\"", "```", "", "```python",
               "from twinmerge.bundle import TwinBundle", "",
               f"bundle = TwinBundle.load(\"{name}\")",
-              "bundle.predict([\"a text to classify\"])  # per text: routed expert, task, weights, label", "```",
-              "", "`twin.json` lists the experts in routing order, their tasks and label names."]
+              f"bundle.predict([\"{example}\"])  # {what}", "```",
+              "", "`twin.json` lists the experts in routing order, their tasks" +
+              (" and the generation options." if generative else " and label names.")]
     return "\n".join(lines) + "\n"

@@ -9,21 +9,53 @@ Scores are x100; the normalised score is `twinmerge.taskpool.summarize`'s (100 *
 
 Generation is greedy (deterministic) with HF's own `generate` and its KV cache, `max_new_tokens` new tokens,
 prompts left-padded in fixed batches of `batch_size` in task order (so every model sees the same batches). A
-static model (an expert, a merged backbone) is any HF causal LM (`score_model`). A routed model is a
+static model (an expert, a merged backbone) is any HF causal LM (`score_model`), or, given the pool's
+`ExpertSet`, a canonical state dict assembled into one (`score_backbone`, `score_experts`: the interface of the
+classification pool, so a static method scores a causal LM's merge as it scores an encoder's; a causal LM has
+no task heads, so one model answers every task and no task id is used). A routed model is a
 `twinmerge.decoder.RoutedCausalLM` with per-prompt weights [N, n] computed once from each prompt (the router
 reads the prompt's features, before any token is generated) and fixed for all its new tokens (`score_routed`).
 """
 from collections.abc import Mapping, Sequence
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from twinmerge.errors import TwinMergeError
+from twinmerge.decoder import _tied_head
+from twinmerge.errors import CheckpointError, TwinMergeError
+from twinmerge.io import ExpertSet
 from twinmerge.metrics import GENERATIVE_METRICS
 from twinmerge.metrics import score as metric_score
+from twinmerge.modelpool import config_from_dict
 from twinmerge.progress import progress_bar
 from twinmerge.taskpool import TaskPool
 
 GenerativeSplit = Mapping[str, tuple[Sequence[str], Sequence[str | Sequence[str]]]]
+
+
+def assemble_causal_lm(config: dict, state: Mapping[str, torch.Tensor]):
+    """HF causal LM (`AutoModelForCausalLM` of `config`) holding exactly `state` (canonical names: the experts'
+    own), float32, eval mode. A tied output head takes the input embedding (a saved tied head is left out of the
+    checkpoint); CheckpointError listing missing or unexpected tensor names.
+
+    The model is built in float32 whatever dtype its config names (a bfloat16 config would round a float32 merge)
+    on the CPU (its initialisation draws random numbers in a forked RNG, so callers' seeds are untouched), then
+    takes the state's tensors themselves (`assign`: float32 tensors are shared, not copied), so non-persistent
+    buffers (rotary frequencies) stay computed. Memory: the random parameters until they are replaced."""
+    with torch.random.fork_rng():
+        model = AutoModelForCausalLM.from_config(
+            config_from_dict({k: v for k, v in config.items() if k not in ("torch_dtype", "dtype")}))
+    tied = {f"{head}.weight": f"{emb}.weight" for head, emb in _tied_head(model).items()}
+    persistent = set(model.state_dict())
+    missing = sorted(persistent - set(state) - set(tied))
+    unexpected = sorted(set(state) - persistent)
+    if missing or unexpected:
+        raise CheckpointError(f"cannot assemble a {type(model).__name__}: missing tensors {missing[:5]}, "
+                              f"unexpected tensors {unexpected[:5]}")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict({**{h: state[e] for h, e in tied.items()}, **state}, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
 
 
 def answer_text(generation: str, metric: str) -> str:
@@ -50,11 +82,12 @@ class GenerativeTaskPool:
     """Every task's (prompts, references) of one split and the generation options.
 
     split: {task: (prompts, references)} in registry order (a reference is a string or a list of acceptable
-    strings); metrics: {task: "exact_match" | "rouge_l"}; max_length: prompt tokens kept (the last ones).
+    strings); metrics: {task: "exact_match" | "rouge_l"}; max_length: prompt tokens kept (the last ones);
+    pool: the experts (causal LMs with exactly the base's tensors), needed by `score_backbone` / `score_experts`.
     """
 
     def __init__(self, split: GenerativeSplit, metrics: Mapping[str, str], tokenizer, batch_size: int = 16,
-                 max_new_tokens: int = 32, max_length: int = 512):
+                 max_new_tokens: int = 32, max_length: int = 512, pool: ExpertSet | None = None):
         unknown = {t: m for t, m in metrics.items() if m not in GENERATIVE_METRICS}
         if unknown or set(metrics) != set(split):
             raise TwinMergeError(f"generative tasks need one of {', '.join(GENERATIVE_METRICS)} per task; got "
@@ -66,6 +99,10 @@ class GenerativeTaskPool:
         if pad is None:
             raise TwinMergeError("the tokenizer has neither a pad nor an eos token: cannot left-pad prompts")
         self.pad_id = pad
+        self.pool = pool
+        if pool is not None and pool.head_keys():
+            raise CheckpointError(f"expert tensors the base lacks ({', '.join(pool.head_keys()[:3])}): a causal LM "
+                                  "expert holds the base's tensors only (no task head)")
 
     # the classification pool's: every task's prompts concatenated in task order ([N]), and each one's task [N]
     prompts = TaskPool.texts
@@ -99,6 +136,23 @@ class GenerativeTaskPool:
         """{task: score} of a plain HF causal LM (an expert, or a static merge) on every task (or `only`)."""
         return {name: self.score_texts(name, self.generate(model, self.split[name][0], desc=f"{desc}/{name}"))
                 for name in ([only] if only else self.names)}
+
+    def score_backbone(self, backbone: Mapping[str, torch.Tensor], desc: str = "backbone",
+                       only: str | None = None) -> dict[str, float]:
+        """{task: score} of the causal LM holding `backbone` (canonical state dict, e.g. a static merge): one model
+        for every task (or task `only`)."""
+        if self.pool is None:
+            raise TwinMergeError("score_backbone needs the pool's experts (GenerativeTaskPool(..., pool=...))")
+        model = assemble_causal_lm(self.pool.experts[self.pool.names[0]].config, backbone)
+        return self.score_model(model, only, desc)
+
+    def score_experts(self) -> dict[str, float]:
+        """Each expert (its own weights) on its own task: the normalisation reference."""
+        out = {}
+        for name in self.names:
+            own = {k: self.pool.expert_tensor(name, k) for k in self.pool.mergeable_keys()}
+            out.update(self.score_backbone(own, "expert", only=name))
+        return out
 
     def score_routed(self, model, weights: torch.Tensor, top_k: int | None = None,
                      desc: str = "routed") -> dict[str, float]:

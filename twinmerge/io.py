@@ -60,6 +60,11 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def is_causal_lm(config: Mapping) -> bool:
+    """Whether a model config's architecture is a causal LM (`*ForCausalLM`, GPT-2's `*LMHeadModel`)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+
+
 def weight_files(folder: str | Path, allow_pickle: bool = False) -> list[Path]:
     """The weight files of an HF checkpoint folder, in load order.
 

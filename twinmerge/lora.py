@@ -40,7 +40,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, FactorError
-from .io import Checkpoint, atomic_dir, save_safetensors_atomic, write_json_atomic
+from .io import Checkpoint, atomic_dir, is_causal_lm, save_safetensors_atomic, write_json_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -224,12 +224,25 @@ def _same_base(declared: str | None, candidates: Iterable[str | None]) -> bool:
     return any(c and (str(c) == declared or base(c) == base(declared)) for c in candidates)
 
 
+def _causal_lm_adapter(adapter: "LoraAdapter", base: Checkpoint) -> bool:
+    """Whether an adapter fine-tunes a whole causal LM: PEFT task_type CAUSAL_LM, or none given over a causal-LM
+    base with no saved tensor the base lacks (a classifier's adapter saves its head, e.g. `score`). Then the
+    expert is every tensor of the base, its untied output head (Llama's `lm_head`) included, not the backbone
+    that a classifier's head sits on."""
+    task = adapter.config.get("task_type")
+    if task is not None:
+        return task == "CAUSAL_LM"
+    base_keys = set(base.keys())
+    return is_causal_lm(base.config) and all(k in base_keys for k in adapter.saved)
+
+
 class LoraExpert(Checkpoint):
     """A PEFT LoRA adapter folder seen as the full expert checkpoint it stands for (see the module docstring).
 
     Tensor names are those of the model the adapter was trained on (e.g. `bert.encoder...`, `classifier.*`):
     the base's tensors under the backbone prefix (base_model_prefix of its model type; a bare-backbone base's
-    names get the prefix), every saved full value (heads, modules_to_save, trained biases). The config is the
+    names get the prefix), or every base tensor for a causal LM's adapter (`_causal_lm_adapter`), and every saved
+    full value (heads, modules_to_save, trained biases). The config is the
     base's plus the expert's label fields. Tensors are computed on `get`, one at a time.
     `base_name`: the registered name of the base (e.g. its Hub id), matched against the adapter's
     `base_model_name_or_path` besides the base folder and its config's `_name_or_path`.
@@ -251,6 +264,8 @@ class LoraExpert(Checkpoint):
         keys = base.keys()
         if prefix and not any(k.startswith(prefix + ".") for k in keys):  # bare backbone: add the prefix
             self._base_key = {f"{prefix}.{k}": k for k in keys}
+        elif _causal_lm_adapter(adapter, base):  # the whole LM: its output head is the expert's too
+            self._base_key = {k: k for k in keys}
         else:
             self._base_key = {k: k for k in keys if not prefix or k.startswith(prefix + ".")}
         self._file, self._pickled = {}, None

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from twinmerge.errors import CheckpointError, MergeError
-from twinmerge.io import (DEFAULT_MAX_SHARD_BYTES, Checkpoint, ExpertSet, save_hf_model, stream_hf_model,
-                          weight_files)
+from twinmerge.io import (DEFAULT_MAX_SHARD_BYTES, Checkpoint, ExpertSet, is_causal_lm, save_hf_model,
+                          stream_hf_model, weight_files)
 from twinmerge.merge import _uses_global_trim, global_thresholds, merge_tensor, resolve_options
 from twinmerge.progress import progress_bar
 
@@ -127,12 +127,17 @@ def _merge_rows(pool: ExpertSet, key: str, rows: slice | None, merge: bool, meth
 
 
 def _backbone_folder(pool: ExpertSet, keys: Iterable[str]) -> tuple[str, dict, Path]:
-    """(backbone prefix, config, tokenizer folder) of the shared expert's HF folder; CheckpointError if one of
-    the canonical `keys` lies outside the prefix."""
+    """(backbone prefix, config, tokenizer folder) of the shared expert's HF folder. The prefix is the experts'
+    backbone prefix ("bert."), or for causal LMs "" (whole-model names) when a merged tensor lies outside it: the
+    untied output head (Llama's `lm_head.weight`), which `AutoModel` skips and `AutoModelForCausalLM` reads.
+    CheckpointError if a merged tensor lies outside the prefix of any other model (e.g. a classifier's head that
+    the base also has: heads are not merged)."""
     first = pool.experts[pool.names[0]]
     prefix = pool.backbone_prefix
     if any(not k.startswith(prefix) for k in keys):
-        raise CheckpointError(f"shared state has tensors outside the backbone prefix {prefix!r}")
+        if not is_causal_lm(first.config):
+            raise CheckpointError(f"shared state has tensors outside the backbone prefix {prefix!r}")
+        prefix = ""
     config = {k: v for k, v in first.config.items() if k not in ("id2label", "label2id", "num_labels",
                                                                  "problem_type", "architectures")}
     tokenizer_src = first.folder if (first.folder / "tokenizer_config.json").is_file() else pool.base.folder

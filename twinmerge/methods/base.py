@@ -6,6 +6,8 @@ A method has a key, a human label, a paper reference, the data it learns or sele
 - routed (`RoutedMethod`): `build` writes what it stores into its artifact folder, `model` turns that folder
   into a `RoutedDeltaModel` (shared backbone + one delta set per expert), and its `modes` say which weights and
   which head each input gets: from the router (no task id at inference) or from the gold task (task id).
+  A method with `generative = True` also serves causal LM experts: `model_lm` gives a `RoutedCausalLM` and
+  `generative_modes` its rows (weights only: a causal LM has no heads).
 Options and their defaults are read from the signature of `build` (keyword-only arguments after `*`), or for
 static merges from the merge function's signature; `grid` entries are chosen on validation data.
 The task pool (`twinmerge.taskpool`) scores whatever a method produces, without knowing which method made it.
@@ -71,6 +73,7 @@ class Context:
     temperature: float = 1.0
     top_k: int | None = None
     progress: bool = True
+    generative: bool = False  # causal LM experts: the pools are `twinmerge.genpool.GenerativeTaskPool`s
 
 
 def option_defaults(fn) -> dict[str, Any]:
@@ -133,8 +136,10 @@ class RoutedMethod:
     kind = "routed"
     key = label = reference = ""
     modes: dict[str, Mode] = {}
+    generative_modes: dict[str, Mode] = {}
     data_used = "none"  # what `build` selects or learns from (beyond the router)
     materializable = True  # model(...).materialize(weights, head) gives one input's ordinary model
+    generative = False  # whether it also builds causal LMs (generative tasks, `model_lm`)
 
     @property
     def defaults(self) -> dict[str, Any]:

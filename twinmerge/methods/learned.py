@@ -50,6 +50,7 @@ class LearnedMethod:
     `learn(ctx, setup, **options) -> (backbone, learned tensors, curve, notes)`."""
 
     kind = "static"
+    generative = False  # learns through classification heads
     key = label = reference = ""
     modes: dict = {}
     data_used = "validation_inputs"

@@ -1,5 +1,5 @@
 """Static merges as methods: one backbone for every task (theta_0 + merge(tau_1..tau_n)), each task scored with
-its own head. Every merge function registered in `twinmerge.merge.MERGE_METHODS` is a static method of the
+its own head (a causal LM has none: one model answers every task). Every merge function registered in `twinmerge.merge.MERGE_METHODS` is a static method of the
 same key; its options come from the merge function's signature, its grid is chosen on validation data.
 Merges stream to disk and the chosen backbone streams to `out_dir`: memory holds one backbone while a grid
 point is scored, whatever the number of experts (`StaticMethod.build`).
@@ -30,6 +30,7 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
 
 class StaticMethod:
     kind = "static"
+    generative = True  # a merged backbone of a causal LM is scored by generation (twinmerge.genpool)
     modes: dict = {}
 
     def __init__(self, key: str, merge: MergeMethod):

@@ -8,7 +8,9 @@ engine over the shared expert and the factors.
 import json
 from pathlib import Path
 
+from twinmerge.decoder import RoutedCausalLM
 from twinmerge.exclusive import load_factors
+from twinmerge.genpool import assemble_causal_lm
 from twinmerge.io import sha256_file, write_json_atomic
 from twinmerge.methods.base import Context, Mode, RoutedMethod, backbone_bytes, expert_heads, head_bytes
 from twinmerge.modelpool import assemble_classifier
@@ -26,6 +28,11 @@ class TwinMerging(RoutedMethod):
         "oracle": Mode("Twin-Merging, router weights + gold task's head (task id picks the head; the official "
                        "code also used the gold task's biases)", "router", "gold"),
         "true_routing": Mode("Twin-Merging, one-hot routing on the gold task (task id; diagnostic)", "gold", "gold"),
+    }
+    generative = True
+    generative_modes = {  # causal LMs: no heads, so the oracle row (gold head) would repeat the router row
+        "router": Mode("Twin-Merging, router weights from the prompt (no task id)", "router", "router"),
+        "true_routing": modes["true_routing"],
     }
 
     def build(self, ctx: Context, out_dir: Path, grid: dict) -> dict:
@@ -49,8 +56,16 @@ class TwinMerging(RoutedMethod):
         return RoutedDeltaModel(model, [load_factors(ctx.artifacts / "exclusive" / f"{n}.safetensors")
                                         for n in ctx.pool.names])
 
+    def model_lm(self, ctx: Context, out_dir: Path) -> RoutedCausalLM:
+        """The routed causal LM: theta_s (a causal LM of the experts' config) + each expert's factors."""
+        shared = assemble_causal_lm(ctx.pool.experts[ctx.pool.names[0]].config,
+                                    load_shared(ctx.artifacts / "shared"))
+        return RoutedCausalLM(shared, [load_factors(ctx.artifacts / "exclusive" / f"{n}.safetensors")
+                                       for n in ctx.pool.names])
+
     def static_rows(self, ctx: Context, out_dir: Path) -> dict[str, tuple[str, dict]]:
-        return {"shared": ("Shared expert alone (task id picks the head)", load_shared(ctx.artifacts / "shared"))}
+        how = "no task id" if ctx.generative else "task id picks the head"
+        return {"shared": (f"Shared expert alone ({how})", load_shared(ctx.artifacts / "shared"))}
 
     def stored_bytes(self, ctx: Context, out_dir: Path) -> int:
         """Shared backbone + every expert's factors (as compress counts them) + heads."""
