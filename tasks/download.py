@@ -162,23 +162,45 @@ def check_task_files(src: str | Path, generative: bool = False) -> None:
         check_task_table(Path(src) / f"{split}.parquet", n)
 
 
-def check_generative_table(path: Path) -> None:
-    """One split of a generative task: columns prompt (string) and answer (string, or list of strings: the
-    acceptable answers, at least one, none null), no nulls, no empty prompt, at least one row; else a one-line
-    SourceError naming the file."""
+def _open_table(path: Path, columns: tuple[str, str], needs: str):
+    """The parquet file at `path` (pyarrow ParquetFile), after checking that it is one and has `columns`; else a
+    one-line SourceError naming the file (`needs`: what such a table needs)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     try:
         table_file = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{path}: not a parquet table ({e})") from None
-    schema = table_file.schema_arrow
-    absent = [c for c in ("prompt", "answer") if c not in schema.names]
+    names = table_file.schema_arrow.names
+    absent = [c for c in columns if c not in names]
     if absent:
-        raise SourceError(f"{path}: no column {' or '.join(absent)} (columns: {', '.join(schema.names)}); "
-                          "a generative task table needs prompt (string) and answer (string or list of strings)")
+        raise SourceError(f"{path}: no column {' or '.join(absent)} (columns: {', '.join(names)}); {needs}")
+    return table_file
+
+
+def _read_rows(path: Path, table_file, columns: tuple[str, str]):
+    """`columns` of the table (a pyarrow Table): SourceError when it has no rows or a column has nulls."""
+    if table_file.metadata.num_rows == 0:
+        raise SourceError(f"{path}: no rows (every split needs at least one)")
+    table = table_file.read(columns=list(columns))
+    for column in columns:
+        if table.column(column).null_count:
+            raise SourceError(f"{path}: column {column} has {table.column(column).null_count} missing values")
+    return table
+
+
+def check_generative_table(path: Path) -> None:
+    """One split of a generative task: columns prompt (string) and answer (string, or list of strings: the
+    acceptable answers, at least one, none null), no nulls, no empty prompt, at least one row; else a one-line
+    SourceError naming the file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = ("prompt", "answer")
+    table_file = _open_table(path, columns, "a generative task table needs prompt (string) and answer (string or "
+                                            "list of strings)")
+    schema = table_file.schema_arrow
     strings = (pa.types.is_string, pa.types.is_large_string)
     answer = schema.field("answer").type
     if not any(f(schema.field("prompt").type) for f in strings):
@@ -186,12 +208,7 @@ def check_generative_table(path: Path) -> None:
     if not (any(f(answer) for f in strings) or (pa.types.is_list(answer) and any(f(answer.value_type)
                                                                                for f in strings))):
         raise SourceError(f"{path}: column answer has type {answer}, expected strings or lists of strings")
-    if table_file.metadata.num_rows == 0:
-        raise SourceError(f"{path}: no rows (every split needs at least one)")
-    table = table_file.read(columns=["prompt", "answer"])
-    for column in ("prompt", "answer"):
-        if table.column(column).null_count:
-            raise SourceError(f"{path}: column {column} has {table.column(column).null_count} missing values")
+    table = _read_rows(path, table_file, columns)
     empty = pc.sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table.column("prompt"))), 0)).as_py()
     if empty:
         raise SourceError(f"{path}: {empty} prompt(s) empty or whitespace only")
@@ -208,28 +225,16 @@ def check_task_table(path: Path, n_labels: int) -> None:
     """One split's table: columns text (string) and label (integer in 0..n_labels-1), no nulls, non-empty."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    try:
-        table_file = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise SourceError(f"{path}: not a parquet table ({e})") from None
+    columns = ("text", "label")
+    table_file = _open_table(path, columns, "a task table needs text (string) and label (integer)")
     schema = table_file.schema_arrow
-    absent = [c for c in ("text", "label") if c not in schema.names]
-    if absent:
-        raise SourceError(f"{path}: no column {' or '.join(absent)} (columns: {', '.join(schema.names)}); "
-                          "a task table needs text (string) and label (integer)")
     text_type, label_type = schema.field("text").type, schema.field("label").type
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         raise SourceError(f"{path}: column text has type {text_type}, expected strings")
     if not pa.types.is_integer(label_type):
         raise SourceError(f"{path}: column label has type {label_type}, expected integers 0..{n_labels - 1}")
-    if table_file.metadata.num_rows == 0:
-        raise SourceError(f"{path}: no rows (every split needs at least one)")
-    table = table_file.read(columns=["text", "label"])
-    for column in ("text", "label"):
-        if table.column(column).null_count:
-            raise SourceError(f"{path}: column {column} has {table.column(column).null_count} missing values")
+    table = _read_rows(path, table_file, columns)
     low, high = (v.as_py() for v in pc.min_max(table.column("label")).values())
     if low < 0 or high >= n_labels:
         raise SourceError(f"{path}: labels span {low}..{high}, outside 0..{n_labels - 1} "
