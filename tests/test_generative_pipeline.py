@@ -321,6 +321,7 @@ def test_expert_add_registers_a_causal_lm_expert_with_its_prompt_tables(built, t
                    params_path=path)
 
 
+@pytest.mark.e2e  # a Prefect test server (the flow's temporary one)
 @pytest.mark.parametrize("project", ["lora"], indirect=True)  # the experts most users hold; one build is enough
 def test_twinmerge_run_builds_the_generative_project_through_dvc(built, tmp_path):
     """The product path: a scratch copy of the repository (tracked files) with this registry as params.yaml,
