@@ -146,13 +146,8 @@ class GenerativeTaskPool:
         model = assemble_causal_lm(self.pool.experts[self.pool.names[0]].config, backbone)
         return self.score_model(model, only, desc)
 
-    def score_experts(self) -> dict[str, float]:
-        """Each expert (its own weights) on its own task: the normalisation reference."""
-        out = {}
-        for name in self.names:
-            own = {k: self.pool.expert_tensor(name, k) for k in self.pool.mergeable_keys()}
-            out.update(self.score_backbone(own, "expert", only=name))
-        return out
+    # the classification pool's: each expert (its own weights) on its own task, through `score_backbone`
+    score_experts = TaskPool.score_experts
 
     def score_routed(self, model, weights: torch.Tensor, top_k: int | None = None,
                      desc: str = "routed") -> dict[str, float]:
