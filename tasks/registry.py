@@ -284,9 +284,9 @@ def base_folder(params: Params) -> Path:
     return local if (local / "config.json").is_file() else Path(resolve_base(params))
 
 
-def validate_expert(name: str, folder: str | Path, base: str | Path) -> dict:
+def validate_expert(name: str, folder: str | Path, base: str | Path) -> ExpertSet:
     """ExpertSet(base, {name: folder}) + check_finite; any problem -> one-line CheckpointError. Returns the
-    expert's config (a LoRA adapter folder's: the base's with the adapter's label fields)."""
+    validated set (its expert's config: a LoRA adapter folder's is the base's with the adapter's label fields)."""
     from twinmerge.lora import is_adapter_folder
 
     folder = Path(folder)
@@ -296,10 +296,20 @@ def validate_expert(name: str, folder: str | Path, base: str | Path) -> dict:
     try:
         experts = ExpertSet(base, {name: folder})
         experts.check_finite()
-        return experts.experts[name].config
+        return experts
     except TwinMergeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"expert {name} ({folder}) is incompatible with the base {base}: {first}") from None
+
+
+def check_expert(name: str, folder: str | Path, base: str | Path, data: str | Path, generative: bool) -> None:
+    """`validate_expert`, then what its task needs: a causal LM with the base's tensors only (generative metric)
+    or a head with as many labels as the task's labels.json."""
+    experts = validate_expert(name, folder, base)
+    if generative:
+        check_causal_lm(name, experts, folder)
+    else:
+        check_head_labels(name, experts.experts[name].config, Path(folder), data)
 
 
 def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: str | None = None,
@@ -332,21 +342,13 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
     base = base_folder(params)
     hub = None
     if repo_id is None:
-        config = validate_expert(name, path, base)
-        if generative:
-            check_causal_lm(name, ExpertSet(base, {name: path}), path)
-        else:
-            check_head_labels(name, config, Path(path), data)
+        check_expert(name, path, base, data, generative)
     else:
         source = HubSource(repo_id=repo_id, subfolder=subfolder, revision=revision)
         Path(HUB_DIR).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=HUB_DIR, prefix=f".validate-{name}.") as tmp:
             fetch_hub(source, Path(tmp) / name, api=api, snapshot_download=snapshot_download)
-            config = validate_expert(name, Path(tmp) / name, base)
-            if generative:
-                check_causal_lm(name, ExpertSet(base, {name: Path(tmp) / name}), Path(tmp) / name)
-            else:
-                check_head_labels(name, config, Path(tmp) / name, data)
+            check_expert(name, Path(tmp) / name, base, data, generative)
         hub = source.model_dump(exclude_none=True)
         path = f"{HUB_DIR}/{name}"
     entry = {"path": str(path), "task": task, "data": str(data), "metric": metric}
