@@ -17,7 +17,7 @@ COMMANDS = {
     "download": ("tasks.download", "resolve the base or one expert into artifacts/ (validated, sha256 manifest)"),
     "modularize": ("tasks.modularize", "merge the experts into the shared expert"),
     "compress": ("tasks.compress", "one expert's exclusive knowledge as SVD factors"),
-    "router": ("tasks.route", "fit the router on the validation splits"),
+    "router": ("tasks.route", "fit the router on the inputs of router.splits (validation by default)"),
     "score-experts": ("tasks.score_experts", "score the experts (validation, test) and the base (with expert heads, or zero-shot for causal LMs)"),
     "method": ("tasks.method", "build one method of params.methods and score it on the test splits"),
     "evaluate": ("tasks.evaluate", "gather the experts' and every method's rows into artifacts/eval/metrics.json"),

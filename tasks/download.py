@@ -298,6 +298,15 @@ def download_base(params: Params, out_dir: str | Path) -> dict:
     return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), source)
 
 
+def check_fits_task(name: str, experts: ExpertSet, folder: str | Path, data: str | Path, generative: bool) -> None:
+    """What expert `name` (validated in `experts`) needs for its task: a causal LM with the base's tensors only
+    (a generative metric), else a head with as many labels as the task's labels.json."""
+    if generative:
+        check_causal_lm(name, experts, folder)
+    else:
+        check_head_labels(name, experts.experts[name].config, Path(folder), data)
+
+
 def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: str | Path) -> dict:
     """Validate expert `name` against the base, then copy it into out_dir with its manifest."""
     if name not in params.experts:
@@ -307,10 +316,7 @@ def download_expert(name: str, params: Params, base_dir: str | Path, out_dir: st
     experts.check_finite()
     spec = params.experts[name]
     check_task_files(spec.data, spec.generative)  # before anything is written: main copies the tables next
-    if spec.generative:
-        check_causal_lm(name, experts, folder)
-    else:
-        check_head_labels(name, experts.experts[name].config, folder, spec.data)
+    check_fits_task(name, experts, folder, spec.data, spec.generative)
     return copy_with_manifest(_checkpoint_files(folder), Path(out_dir), _source(folder, {"path": str(folder)}))
 
 

@@ -302,8 +302,18 @@ class RouterParams(_Strict):
     batch_size: int = Field(64, ge=2)
     patience: int = Field(20, ge=1)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
-    refit: bool = False  # retrain on all validation data for the early-stopped epoch count
+    refit: bool = False  # retrain on all its inputs (holdout too) for the early-stopped epoch count
     max_length: int = Field(64, ge=8, le=512)  # feature recipe (saved with the router): tokenizer truncation
+    # the task splits whose inputs the router learns from: the paper's protocol is the validation splits only;
+    # "train" adds the experts' training inputs (labelled by task, like validation). Never "test".
+    splits: list[Literal["train", "validation"]] = Field(default_factory=lambda: ["validation"], min_length=1)
+
+    @field_validator("splits")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"splits {v} lists a split twice")
+        return v
 
     @model_validator(mode="before")
     @classmethod

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.download import (_checkpoint_files, check_causal_lm, check_head_labels, check_task_files, fetch_hub,
+from tasks.download import (_checkpoint_files, check_fits_task, check_task_files, fetch_hub,
                             resolve_base, sha256_file)
 from tasks.params import ExpertSpec, HubSource, Params, ParamsError, check_name, load_params, read_yaml
 from twinmerge.errors import CheckpointError, SourceError, TwinMergeError
@@ -305,11 +305,7 @@ def validate_expert(name: str, folder: str | Path, base: str | Path) -> ExpertSe
 def check_expert(name: str, folder: str | Path, base: str | Path, data: str | Path, generative: bool) -> None:
     """`validate_expert`, then what its task needs: a causal LM with the base's tensors only (generative metric)
     or a head with as many labels as the task's labels.json."""
-    experts = validate_expert(name, folder, base)
-    if generative:
-        check_causal_lm(name, experts, folder)
-    else:
-        check_head_labels(name, experts.experts[name].config, Path(folder), data)
+    check_fits_task(name, validate_expert(name, folder, base), folder, data, generative)
 
 
 def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: str | None = None,

@@ -169,7 +169,8 @@ def markdown_report(metrics: dict, history_section: str = "") -> str:
     routing = metrics.get("routing")
     if routing:
         lines += ["", f"Routing accuracy on test: {100 * routing['accuracy']:.1f}% "
-                  f"(router holdout on validation: {100 * routing['holdout_accuracy']:.1f}%)", "",
+                  f"(the router learnt from the {' + '.join(routing.get('splits', ['validation']))} inputs; "
+                  f"its holdout there: {100 * routing['holdout_accuracy']:.1f}%)", "",
                   "| task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
                   "| routing accuracy | " + " | ".join(f"{100 * routing['per_task'][t]:.1f}" for t in tasks) + " |"]
     storage = metrics.get("storage") or {}

@@ -1,10 +1,11 @@
-"""Step `router`: router features of the validation splits (shared expert's hidden states, pooled), router
-fit with early stopping on a held-out part of the validation data -> `artifacts/router/`.
+"""Step `router`: router features of the task inputs of `router.splits` (shared expert's hidden states,
+pooled), router fit with early stopping on a held-out part of them -> `artifacts/router/`.
 
-The test splits are never read here. The router folder carries its feature recipe (layers, pooling,
-max_length, tokenizer, sha256 of the shared model's weights; see `twinmerge.router`), so consumers never read
-params.router. `artifacts/router/report.json` holds the holdout routing accuracy, overall and per task, and the
-confusion matrix.
+`router.splits` is the validation splits by default (the paper's protocol), optionally with the training splits
+the experts were fine-tuned on. The test splits are never read here. The router folder carries its feature
+recipe (layers, pooling, max_length, tokenizer, sha256 of the shared model's weights; see `twinmerge.router`),
+so consumers never read params.router. `artifacts/router/report.json` holds the inputs per split, the holdout
+routing accuracy, overall and per task, and the confusion matrix.
 """
 from pathlib import Path
 
@@ -33,23 +34,27 @@ def fit_router(params: Params, shared_dir: str | Path = "artifacts/shared", out_
     names = list(params.experts)
     if len(names) < 2:
         raise TwinMergeError(f"params.yaml: experts: the router needs at least 2 experts, got {len(names)}")
-    splits = load_registry_split(params, "validation")
-    texts = [t for name in names for t in splits[name][0]]
-    labels = torch.tensor([i for i, name in enumerate(names) for _ in splits[name][0]])
+    r = params.router
+    texts, labels, counts = [], [], {}
+    for split in r.splits:
+        inputs = load_registry_split(params, split)
+        texts += [t for name in names for t in inputs[name][0]]
+        labels += [i for i, name in enumerate(names) for _ in inputs[name][0]]
+        counts[split] = sum(len(inputs[name][0]) for name in names)
+    labels = torch.tensor(labels)
     model = AutoModel.from_pretrained(shared_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(shared_dir)
     if params.generative:  # a causal LM reads a prompt left to right: pad on the right (positions from 0, as
         tokenizer.padding_side = "right"  # unpadded), with eos where the tokenizer has no pad token (GPT-2)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    r = params.router
     with one_thread():  # bit-identical routers whatever threads the flow gives this stage (1 or all cores)
         features = extract_features(model, tokenizer, texts, layers=tuple(r.layers), pooling=r.pooling,
                                     max_length=r.max_length, progress=progress)
         config = router_config(params, features.shape[1])
         router, report = train_router(features, labels, config, progress=progress)
     save_router(router, config, out_dir, tokenizer, weights_sha256(shared_dir))
-    summary = {"experts": names, "holdout_accuracy": report.holdout_accuracy,
+    summary = {"experts": names, "inputs": counts, "holdout_accuracy": report.holdout_accuracy,
                "per_task": dict(zip(names, report.per_class_accuracy)), "confusion": report.confusion,
                "epochs_run": report.epochs_run, "best_epoch": report.best_epoch, "n_fit": report.n_fit,
                "n_holdout": report.n_holdout, "history": report.history}

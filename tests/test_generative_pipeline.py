@@ -192,7 +192,7 @@ def test_twin_merging_routes_prompts_and_generates_the_experts_answers(built):
 def test_twin_router_row_equals_generation_by_each_prompts_materialised_model(built):
     """The routed row is what one ordinary causal LM per prompt, theta_s + sum_t w_t v_t with that prompt's router
     weights, generates: the batched engine adds nothing and loses nothing (soft weights mix in other experts)."""
-    from twinmerge.genpool import GenerativeTaskPool, left_padded
+    from twinmerge.genpool import left_padded, pad_token_id
     from twinmerge.metrics import score
     from twinmerge.router import route
 
@@ -202,7 +202,7 @@ def test_twin_router_row_equals_generation_by_each_prompts_materialised_model(bu
         prompts, answers = zip(*examples(task, "test"))
         weights = route(bundle.router.router, bundle.router.features(bundle.feature_model, list(prompts),
                                                                       progress=False), bundle.temperature)
-        pad = GenerativeTaskPool({"x": ([], [])}, {"x": "exact_match"}, bundle.tokenizer).pad_id
+        pad = pad_token_id(bundle.tokenizer)
         out = []
         for prompt, w in zip(prompts, weights):
             ids, mask = left_padded(bundle.tokenizer, [prompt], 16, pad)

@@ -23,6 +23,7 @@ from tasks import method as method_step
 from tasks.params import METHOD_KINDS
 from twinmerge.methods.base import DATA
 from tasks.params import ParamsError, load_params
+from tasks.taskdata import load_registry_split
 from tiny_models import make_base, make_experts
 from twinmerge.bundle import TwinBundle
 from twinmerge.methods import METHODS
@@ -238,6 +239,37 @@ def test_router_learns_vocabulary_slices(ran):
     assert metrics["routing"]["accuracy"] >= 0.9
 
 
+def test_router_learns_from_the_splits_it_is_given(ran, project, monkeypatch, tmp_path):
+    """router.splits: the validation inputs by default; with train, the training inputs too (and the routed rows
+    then say they learned from training inputs); never test."""
+    params, metrics, summary = ran
+    assert summary["inputs"] == {"validation": 3 * 40} and summary["n_fit"] + summary["n_holdout"] == 120
+    assert metrics["routing"]["splits"] == ["validation"]
+    assert metrics["methods"]["twin_router"]["data"] == "validation_inputs"
+    read = []
+
+    def spy(p, split, *args):
+        read.append(split)
+        return load_registry_split(p, split, *args)
+
+    monkeypatch.setattr(route, "load_registry_split", spy)
+    monkeypatch.chdir(project)
+    both = params.model_copy(update={"router": params.router.model_copy(update={"splits": ["train", "validation"]})})
+    out = tmp_path / "artifacts" / "router"
+    wider = route.fit_router(both, out_dir=out, progress=False)
+    assert read == ["train", "validation"] and method_step.router_splits(tmp_path / "artifacts") == read
+    assert wider["inputs"] == {"train": 3 * 24, "validation": 3 * 40}
+    assert wider["n_fit"] + wider["n_holdout"] == 3 * 64 and wider["holdout_accuracy"] >= 0.9
+    assert (out / "model.safetensors").read_bytes() != (project / "artifacts/router/model.safetensors").read_bytes()
+    for name in ("base", "checkpoints", "shared", "exclusive"):  # Twin-Merging's rows under the wider router
+        (tmp_path / "artifacts" / name).symlink_to(project / "artifacts" / name)
+    (tmp_path / "artifacts/eval").mkdir()
+    shutil.copy(project / "artifacts/eval/experts.json", tmp_path / "artifacts/eval")
+    rows = method_step.run_method(params, "routed", "twin", tmp_path / "artifacts", progress=False)["rows"]
+    assert rows["twin_router"]["data"] == rows["twin_oracle"]["data"] == "train_inputs"
+    assert rows["twin_true_routing"]["data"] == "none"
+
+
 def test_report_has_table_and_plots(ran, project):
     text = (project / "artifacts/report/report.md").read_text()
     assert "**Twin-Merging, router weights and router-chosen head (no task id)**" in text
@@ -439,6 +471,12 @@ def test_params_errors_are_one_line(tmp_path):
         load_params(path)
     with pytest.raises(ParamsError, match="file not found"):
         load_params(tmp_path / "missing.yaml")
+    for splits, error in ((["validation", "test"], r"router.splits.1: .*'train' or 'validation'"),
+                          (["train", "train"], r"router.splits: .*lists a split twice"),
+                          ([], r"router.splits: .*at least 1")):
+        path.write_text(yaml.safe_dump({"base": {"path": "x"}, "router": {"splits": splits}}))
+        with pytest.raises(ParamsError, match=error):
+            load_params(path)
 
 
 def test_missing_validation_data_is_named(project, tmp_path):

@@ -5,6 +5,7 @@ weights), materialised as a plain HF model with the routed expert's head and run
 Tiny random BERT (tests/tiny_models.py), four experts, unquantised (float32) factors, float64 model; the batch
 mixes routes: several inputs per expert, one expert used by no input, padding, not sorted by expert.
 """
+import dataclasses
 import itertools
 
 import pytest
@@ -101,9 +102,9 @@ def _count(group):
 
 
 def _segments(weights, k):
-    """(expert, length) of the expected segments: rows of the top-k expert ids sorted lexicographically, then
-    the maximal runs of equal experts in column 0, column 1, ..."""
-    rows = sorted(tuple(r) for r in weights.topk(k, dim=1).indices.tolist())
+    """(expert, length) of the expected segments: each row's top-k experts in increasing order, the rows sorted
+    lexicographically, then the maximal runs of equal experts in column 0, column 1, ..."""
+    rows = sorted(tuple(sorted(r)) for r in weights.topk(k, dim=1).indices.tolist())
     return [(t, len(list(run))) for j in range(k) for t, run in itertools.groupby(r[j] for r in rows)]
 
 
@@ -116,9 +117,14 @@ def test_grouped_top_k_equals_per_sample_materialised(kind, k, request):
     out, hidden, groups = _run(dyn, ids, mask, weights=_weights(), top_k=k)
     assert out.head_ids.tolist() == FIRST
     _check(dyn, ids, mask, out, hidden, w)
-    # one GEMM pair per segment of contiguous samples sharing an expert; column 0: one per used expert
+    # one GEMM pair per segment of contiguous samples sharing an expert; column 0: one per used expert; rows
+    # with the same set of experts are contiguous, so column 1 has at most one segment per pair of experts used
     assert [(g.expert, _count(g)) for g in groups] == _segments(_weights(), k)
-    assert [(g.expert, _count(g)) for g in groups if g.base] == [(t, FIRST.count(t)) for t in (0, 1, 2)]
+    firsts = [min(r) for r in _weights().topk(k, dim=1).indices.tolist()]
+    assert [(g.expert, _count(g)) for g in groups if g.base] == [(t, firsts.count(t)) for t in sorted(set(firsts))]
+    # here rows sort as (0,1) x2, (0,2) x3, (1,2) x3: column 1 is 1, 1, 2, ..., 2, two segments (by weight
+    # order, (first, second) would be six distinct pairs, up to six segments)
+    assert k != 2 or [(g.expert, _count(g)) for g in groups if not g.base] == [(1, 2), (2, 6)]
     assert all(g.scale is None for g in groups) == (k == 1) and not any(g.cached for g in groups)
     # weights that are already sparse (what `route(top_k=...)` returns) take the same grouped path
     sparse, _, _ = _run(dyn, ids, mask, weights=w)
@@ -170,3 +176,26 @@ def test_cache_not_used_for_scaled_one_hot_weights(lowrank):
         _check(lowrank, ids, mask, out, hidden, w)
     finally:
         lowrank.expert_cache.resize(0)
+
+
+def test_expert_without_some_tensors(lowrank):
+    """An expert that stores no delta of some 2-D tensors (a byte budget can drop them) gets an empty block (an
+    embedding) or a bias-only block (a linear) in its own width, not padding to the widest expert: every path
+    still equals the per-sample materialised merge."""
+    dropped = {"bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight"}
+    sets = [f if t != 2 else dataclasses.replace(f, lowrank={n: v for n, v in f.lowrank.items() if n not in dropped})
+            for t, f in enumerate(lowrank.factors)]
+    shared = assemble_classifier(sets[0].config, {**lowrank.shared_state, **sets[0].head})
+    dyn = RoutedDeltaModel(shared, sets, dtype=torch.float64)
+    words = dyn.model.get_submodule("bert.embeddings.word_embeddings")
+    query = dyn.model.get_submodule("bert.encoder.layer.0.attention.self.query")
+    assert words.offsets[3] == words.offsets[2] > words.offsets[1]  # expert 2: no columns; expert 1: its rank
+    assert query.offsets[3] - query.offsets[2] == 8 < query.offsets[2] - query.offsets[1]  # bias column only
+    ids, mask = _inputs()
+    for k in (None, 2, 1):
+        out, hidden, _ = _run(dyn, ids, mask, weights=_weights(), top_k=k)
+        _check(dyn, ids, mask, out, hidden, _weights() if k is None else top_k_weights(_weights(), k)[0])
+    dyn.expert_cache.resize(4)  # cached top-1: expert 2's materialised query is W_s + its bias delta only
+    out, hidden, groups = _run(dyn, ids, mask, weights=_weights(), top_k=1)
+    assert [g.cached for g in groups] == [True, True, True]
+    _check(dyn, ids, mask, out, hidden, top_k_weights(_weights(), 1)[0])

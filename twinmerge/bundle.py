@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 from twinmerge.card import model_card
 from twinmerge.decoder import RoutedCausalLM
-from twinmerge.genpool import GenerativeTaskPool, assemble_causal_lm
+from twinmerge.genpool import assemble_causal_lm, generate
 from twinmerge.routed import RoutedDeltaModel
 from twinmerge.errors import CheckpointError, InputError
 from twinmerge.exclusive import load_factors
@@ -155,9 +155,8 @@ class TwinBundle:
         features = self.router.features(self.feature_model, texts, batch_size=batch_size, progress=False)
         weights = route(self.router.router, features, self.temperature, top_k if top_k is not None else self.top_k)
         if self.generative:
-            pool = GenerativeTaskPool({"prompts": (texts, [""] * len(texts))}, {"prompts": "exact_match"},
-                                      self.tokenizer, batch_size, self.max_new_tokens, self.max_length)
-            generations = pool.generate(self.dynamic, texts, weights, top_k if top_k is not None else self.top_k)
+            generations = generate(self.dynamic, self.tokenizer, texts, self.max_new_tokens, self.max_length,
+                                   batch_size, weights, top_k if top_k is not None else self.top_k)
             names = [self.experts[int(w.argmax())] for w in weights]
             return [{"text": text, "expert": name, "task": self.tasks[name],
                      "weights": {n: round(float(x), 4) for n, x in zip(self.experts, w)}, "generation": g}

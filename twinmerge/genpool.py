@@ -78,6 +78,35 @@ def left_padded(tokenizer, prompts: Sequence[str], max_length: int, pad_id: int)
     return ids, mask
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id prompts are left-padded with: the tokenizer's pad token, else its eos token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise TwinMergeError("the tokenizer has neither a pad nor an eos token: cannot left-pad prompts")
+    return pad
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_length: int = 512,
+             batch_size: int = 16, weights: torch.Tensor | None = None, top_k: int | None = None,
+             desc: str | None = None) -> list[str]:
+    """Greedy generations (new tokens only, special tokens dropped) of `model` for prompts, in order: batches of
+    `batch_size` prompts left-padded (`left_padded`, the last `max_length` tokens of each), at most
+    `max_new_tokens` new tokens. weights [len(prompts), n]: per-prompt routing weights of a RoutedCausalLM and
+    its top_k (None: a plain causal LM)."""
+    pad, out = pad_token_id(tokenizer), []
+    with progress_bar(total=len(prompts), desc=desc, disable=desc is None) as bar:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = left_padded(tokenizer, prompts[start:start + batch_size], max_length, pad)
+            kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            if weights is not None:
+                kw.update(weights=weights[start:start + len(ids)], top_k=top_k)
+            sequences = model.generate(input_ids=ids, attention_mask=mask, **kw)
+            out += tokenizer.batch_decode(sequences[:, ids.shape[1]:], skip_special_tokens=True)
+            bar.update(len(ids))
+    return out
+
+
 class GenerativeTaskPool:
     """Every task's (prompts, references) of one split and the generation options.
 
@@ -95,10 +124,7 @@ class GenerativeTaskPool:
         self.split, self.metrics, self.tokenizer = split, dict(metrics), tokenizer
         self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
         self.names = list(split)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise TwinMergeError("the tokenizer has neither a pad nor an eos token: cannot left-pad prompts")
-        self.pad_id = pad
+        pad_token_id(tokenizer)  # refuse a tokenizer prompts cannot be padded with, before any model runs
         self.pool = pool
         if pool is not None and pool.head_keys():
             raise CheckpointError(f"expert tensors the base lacks ({', '.join(pool.head_keys()[:3])}): a causal LM "
@@ -108,24 +134,11 @@ class GenerativeTaskPool:
     prompts = TaskPool.texts
     task_ids = TaskPool.task_ids
 
-    @torch.inference_mode()
     def generate(self, model, prompts: Sequence[str], weights: torch.Tensor | None = None,
                  top_k: int | None = None, desc: str | None = None) -> list[str]:
-        """Greedy generations (new tokens only, special tokens dropped) of `model` for prompts, in order.
-
-        weights [len(prompts), n]: per-prompt routing weights of a RoutedCausalLM (None: a plain causal LM)."""
-        out = []
-        with progress_bar(total=len(prompts), desc=desc, disable=desc is None) as bar:
-            for start in range(0, len(prompts), self.batch_size):
-                ids, mask = left_padded(self.tokenizer, prompts[start:start + self.batch_size], self.max_length,
-                                        self.pad_id)
-                kw = dict(max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
-                if weights is not None:
-                    kw.update(weights=weights[start:start + len(ids)], top_k=top_k)
-                sequences = model.generate(input_ids=ids, attention_mask=mask, **kw)
-                out += self.tokenizer.batch_decode(sequences[:, ids.shape[1]:], skip_special_tokens=True)
-                bar.update(len(ids))
-        return out
+        """`generate` with the pool's tokenizer and options."""
+        return generate(model, self.tokenizer, prompts, self.max_new_tokens, self.max_length, self.batch_size,
+                        weights, top_k, desc)
 
     def score_texts(self, name: str, generations: Sequence[str]) -> float:
         """x100 metric of task `name` from its generations (one per prompt, in order)."""

@@ -11,20 +11,25 @@ that reads the routing of the current batch from a shared `_Routing` context:
 - linear:    y = x W_s^T + b_s + sum_t w_t ((x V_t) * S_t) U_t^T + sum_t w_t db_t
 - embedding: e = E_s[ids] + sum_t w_t (U_t[ids] * S_t) V_t^T
 - LayerNorm: per-sample gamma = g_s + sum_t w_t dg_t, beta = b_s + sum_t w_t db_t
-The rank-r_t factors of all experts are zero-padded to R = max_t r_t; a linear's bias deltas ride in the same
-GEMM as one extra rank column (R' = R + 1, see `DynamicLinear`). Dense 2-D deltas are used exactly as factors of
+The experts' factors sit side by side, expert t's block as wide as its own rank r_t (`_Blocks`); a linear's
+bias deltas ride in the same GEMM as one extra column per block, and a linear's blocks are rounded up to a
+multiple of 8 columns (see `DynamicLinear`). Dense 2-D deltas are used exactly as factors of
 rank min(m, n) (U = D, V = I or U = I, V = D^T) when other experts store factors of the same tensor, and as
 plain matmuls when every expert stores it dense.
 
 Three ways to run a batch, chosen in `RoutedDeltaModel.forward` (k = most nonzero weights in a row):
 - batched (k = n, every expert): the factors of all experts are concatenated along rank, so a linear costs two
-  GEMMs over [.., n R'] columns: O(n R (d_in + d_out)) per token on top of the static O(d_in d_out).
+  GEMMs over [.., sum_t r_t'] columns (r_t' = expert t's block width): O(sum_t r_t (d_in + d_out)) per token
+  on top of the static O(d_in d_out).
 - grouped (k < n: top-k routing, or weights that are already sparse): each sample's k experts are sorted
-  (largest weight first) and the batch is sorted by them, so every top-k column splits into segments of
-  contiguous samples sharing one expert (`_Group`; column 0: one per expert, column 1: one per (first, second)
-  expert pair, ...). A linear runs the base GEMM once, then ONE GEMM pair x[seg] V_t, (. * w) (U_t S_t)^T per
-  segment, added in place into the segment's rows, as multi-LoRA servers do (punica's segmented SGMV,
-  S-LoRA): O(k R (d_in + d_out)) per token, no gather, no scatter, no work for unused experts.
+  (by expert index when k > 1, so samples using the same set of experts are adjacent) and the batch is sorted
+  by them, so every top-k column splits into segments of contiguous samples sharing one expert (`_Group`;
+  column 0: one per expert, column 1: at most one per pair of experts, ...). A linear runs the base GEMM
+  once, then ONE GEMM pair x[seg] V_t, (. * w) (U_t S_t)^T per segment, added in place into the segment's
+  rows, as multi-LoRA servers do (punica's segmented SGMV, S-LoRA): O(k r_t (d_in + d_out)) per token, no
+  gather, no scatter, no work for unused experts. (Gathering each expert's column-1 samples into one group
+  instead, index_select + index_add_, measured slower on the real bundle: top-2 0.65x the static model
+  against 0.67x for these segments.)
 - cached top-1 (k = 1, weights 1, `ExpertCache` capacity > 0): a group whose expert is resident runs each
   Linear as one plain GEMM with the materialised W_s + delta_t, i.e. at the static model's speed.
 The grouped and cached paths write into preallocated outputs (out=, in place; a copy while autograd records).
@@ -127,15 +132,14 @@ class _Routing:
     def __init__(self):
         self.dense = self.groups = self.head_ids = None
 
-    def rank_weights(self, rank):
-        """Per-sample weights repeated over each rank block: [B, n*rank]."""
-        return self.dense.repeat_interleave(rank, dim=1)
+    def column_weights(self, experts):
+        """Per-sample weights of each factor column's expert (experts [W]): [B, W]."""
+        return self.dense.index_select(1, experts)
 
 
-def _stack_factors(factors, name, shape, dtype):
-    """Experts' factors of the 2-D tensor `name` [m, d] as (U*S [n, m, R], V [n, d, R]), zero-padded to R.
-
-    R = 0 when no expert stores the tensor (a budget can drop a weight in every expert and keep its bias)."""
+def _expert_factors(factors, name, shape, dtype):
+    """Per expert, (U S [m, r_t], V [d, r_t]) of the 2-D tensor `name` [m, d] (a dense delta D as exact factors
+    of rank min(m, d)), or None when it does not store the tensor."""
     pairs = []
     for f in factors:
         if name in f.lowrank:
@@ -147,12 +151,46 @@ def _stack_factors(factors, name, shape, dtype):
             pairs.append((d, eye) if shape[1] <= shape[0] else (eye, d.T))
         else:
             pairs.append(None)
-    rank = max((p[0].shape[1] for p in pairs if p is not None), default=0)
-    us, vs = torch.zeros(len(factors), shape[0], rank, dtype=dtype), torch.zeros(len(factors), shape[1], rank, dtype=dtype)
-    for t, p in enumerate(pairs):
-        if p is not None:
-            us[t, :, : p[0].shape[1]], vs[t, :, : p[1].shape[1]] = p
-    return us, vs
+    return pairs
+
+
+def _blocks(factors, name, shape, dtype, db=None, multiple=1):
+    """Experts' factors of the 2-D tensor `name` [m, d] side by side: (U S [m, W], V [d, W], widths [n]).
+
+    Expert t's block is its r_t columns U_t S_t, V_t (none when it does not store the tensor: a budget can
+    drop a weight in every expert and keep its bias), zero columns, and, when bias deltas db [n, m] are given,
+    a last column U S = db_t, V = 0; its width r_t' is r_t (+ 1) rounded up to `multiple`, W = sum_t r_t'."""
+    us_blocks, v_blocks = [torch.zeros(shape[0], 0, dtype=dtype)], [torch.zeros(shape[1], 0, dtype=dtype)]
+    widths = []
+    for t, pair in enumerate(_expert_factors(factors, name, shape, dtype)):
+        r = 0 if pair is None else pair[0].shape[1]
+        width = -(-(r + (db is not None)) // multiple) * multiple
+        us, v = torch.zeros(shape[0], width, dtype=dtype), torch.zeros(shape[1], width, dtype=dtype)
+        if pair is not None:
+            us[:, :r], v[:, :r] = pair
+        if db is not None:
+            us[:, -1] = db[t]
+        us_blocks.append(us)
+        v_blocks.append(v)
+        widths.append(width)
+    return torch.cat(us_blocks, 1), torch.cat(v_blocks, 1), widths
+
+
+class _Blocks:
+    """Mixin of a dynamic module whose experts' rank components sit side by side (`_blocks`): expert t's are
+    offsets[t]:offsets[t + 1] (`_block(t)`); buffer `col_expert` [W] names each component's expert (for
+    `_Routing.column_weights`)."""
+
+    def _set_blocks(self, widths):
+        self.offsets = [0]
+        for w in widths:
+            self.offsets.append(self.offsets[-1] + w)
+        experts = torch.arange(len(widths)).repeat_interleave(torch.tensor(widths, dtype=torch.long))
+        self.register_buffer("col_expert", experts, persistent=False)
+
+    def _block(self, t):
+        """Expert t's rank components (columns of U S and V)."""
+        return slice(self.offsets[t], self.offsets[t + 1])
 
 
 def _all_dense(factors, name):
@@ -174,18 +212,6 @@ def _per_sample(delta, routing):
     return routing.dense @ delta
 
 
-def _linear_factors(factors, name, shape, dtype, db):
-    """(U S [n, d_out, R'], V [n, d_in, R']) of a linear's weight `name` [d_out, d_in]: `_stack_factors`
-    zero-padded so that R' (with the bias column U S = db_t, V = 0 appended when bias deltas db [n, d_out] are
-    given) is a multiple of 8."""
-    us, vs = _stack_factors(factors, name, shape, dtype)
-    pad = -(us.shape[2] + (db is not None)) % 8
-    us, vs = F.pad(us, (0, pad)), F.pad(vs, (0, pad))
-    if db is None:
-        return us, vs
-    return torch.cat([us, db[:, :, None]], 2), torch.cat([vs, vs.new_zeros(*vs.shape[:2], 1)], 2)
-
-
 def _linear_into(out2, x2, weight, bias):
     """out2 (a contiguous [N, d_out] view) = x2 [N, d_in] @ weight^T + bias, written in place (by the GEMM
     itself, or by a copy while autograd records, as out= does not support it)."""
@@ -197,14 +223,16 @@ def _linear_into(out2, x2, weight, bias):
         torch.addmm(bias, x2, weight.T, out=out2)
 
 
-class DynamicLinear(nn.Module):
+class DynamicLinear(nn.Module, _Blocks):
     """nn.Linear with per-sample corrections. Input [B, ..., d_in] -> [B, ..., d_out].
 
-    Low-rank buffers: v_cat [d_in, n*R'] (expert t's V_t in columns t*R'..), us_cat [n*R', d_out] (rows
-    (U_t S_t)^T). R' is R (+ 1 bias column) rounded up to a multiple of 8 with zero columns (an x V GEMM with
-    R' = 40 runs ~1.4x faster than with 39 on AVX2). When some expert has a bias delta, the last column of each
-    V block is zero, the last row of each U S block is db_t, and `_project` adds bias_ones [n*R'] (1 in those
-    columns) to h = x V, so the GEMM h @ us_cat also adds sum_t w_t db_t (no extra pass over the output).
+    Low-rank buffers: vt_cat [W, d_in] (rows V_t^T; expert t's block of rows `_block(t)` is contiguous, so the
+    GEMM takes it without a copy, which a column slice of V [d_in, W] costs), us_cat [W, d_out] (rows
+    (U_t S_t)^T). A block is r_t (+ 1 bias) rows rounded up to a multiple of 8 with zero rows (an x V GEMM 40
+    wide runs ~1.4x faster than 39 on AVX2); each block is its expert's own width, not the widest expert's.
+    When some expert has a bias delta, the last row of each V^T block is zero, the last row of each U S block
+    is db_t, and `_project` adds bias_ones [W] (1 in those columns) to h = x V, so the GEMM h @ us_cat also
+    adds sum_t w_t db_t (no extra pass over the output).
     Dense buffers (every expert's delta dense): dense [n, d_out, d_in], db [n, d_out] or None.
     cached: {expert t: (W_s + delta_t, b_s + db_t)}, filled by `ExpertCache`.
     """
@@ -213,45 +241,41 @@ class DynamicLinear(nn.Module):
         super().__init__()
         self.weight, self.bias, self.routing = base.weight, base.bias, routing
         dtype, (d_out, d_in) = base.weight.dtype, base.weight.shape
-        n, self.cached = len(factors), {}
+        self.cached = {}
         db = _stack_dense(factors, f"{name}.bias", (d_out,), dtype)
         self.register_buffer("dense", None, persistent=False)
         self.register_buffer("db", None, persistent=False)
         self.bias_col = False
         if _all_dense(factors, f"{name}.weight"):  # [n, d_out, d_in]; no factors
             self.dense, self.db = _stack_dense(factors, f"{name}.weight", (d_out, d_in), dtype), db
-            us, vs = torch.zeros(n, d_out, 0, dtype=dtype), torch.zeros(n, d_in, 0, dtype=dtype)
+            us, vs, widths = _blocks([], f"{name}.weight", (d_out, d_in), dtype)
         else:
             self.bias_col = db is not None
-            us, vs = _linear_factors(factors, f"{name}.weight", (d_out, d_in), dtype, db)
-        self.rank = us.shape[2]
-        self.register_buffer("v_cat", vs.permute(1, 0, 2).reshape(d_in, -1).contiguous(), persistent=False)
-        self.register_buffer("us_cat", us.permute(0, 2, 1).reshape(-1, d_out).contiguous(), persistent=False)
-        ones = (torch.arange(n * self.rank) % self.rank == self.rank - 1).to(dtype)
-        self.register_buffer("bias_ones", ones if self.bias_col else None, persistent=False)
+            us, vs, widths = _blocks(factors, f"{name}.weight", (d_out, d_in), dtype, db, multiple=8)
+        self._set_blocks(widths)
+        self.register_buffer("vt_cat", vs.T.contiguous(), persistent=False)
+        self.register_buffer("us_cat", us.T.contiguous(), persistent=False)
+        self.register_buffer("bias_ones", None, persistent=False)
+        if self.bias_col:  # 1 in each block's last column
+            last = torch.tensor(self.offsets[1:]) - 1
+            self.bias_ones = torch.zeros(vs.shape[1], dtype=dtype).index_fill_(0, last, 1)
 
     def forward(self, x):
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         y3 = self._batched(x3) if self.routing.groups is None else self._grouped(x3)
         return y3.reshape(*x.shape[:-1], y3.shape[-1])
 
-    def _block(self, t):
-        """Expert t's columns of v_cat / rows of us_cat."""
-        return slice(t * self.rank, (t + 1) * self.rank)
-
     def _project(self, x2, cols):
-        """h = x2 [N, d_in] @ v_cat[:, cols] [N, k*R'], plus 1 in every block's bias column (in the GEMM)."""
-        if self.bias_col:
-            return torch.addmm(self.bias_ones[cols], x2, self.v_cat[:, cols])
-        return x2 @ self.v_cat[:, cols]
+        """h = x2 [N, d_in] @ V[:, cols] [N, w], plus 1 in every block's bias column (in the GEMM)."""
+        return F.linear(x2, self.vt_cat[cols], self.bias_ones[cols] if self.bias_col else None)
 
     def _batched(self, x3):
-        """Every expert at once: y = x W_s^T + b_s + ((x V_cat) * w) US_cat, two GEMMs over n*R' columns."""
+        """Every expert at once: y = x W_s^T + b_s + ((x V) * w) US_cat, two GEMMs over W columns."""
         y = F.linear(x3, self.weight, self.bias)
         if self.dense is not None:
             return y + self._dense_batched(x3)
         h = self._project(x3.reshape(-1, x3.shape[-1]), slice(None))
-        h.view(*x3.shape[:2], -1).mul_(self.routing.rank_weights(self.rank)[:, None])
+        h.view(*x3.shape[:2], -1).mul_(self.routing.column_weights(self.col_expert)[:, None])
         y.view(-1, y.shape[-1]).addmm_(h, self.us_cat)
         return y
 
@@ -284,6 +308,8 @@ class DynamicLinear(nn.Module):
         """y2[tokens] += w ((x V_t) (U_t S_t)^T + db_t), or w (x D_t^T + db_t) for dense sets, x = x2[tokens]."""
         if self.dense is None:
             block = self._block(g.expert)
+            if block.start == block.stop:  # the expert stores no delta of this weight
+                return
             y2[tokens].addmm_(_scaled(self._project(x2[tokens], block), g.scale), self.us_cat[block])
             return
         x = x2[tokens] if g.scale is None else _scaled(x2[tokens].clone(), g.scale)
@@ -299,16 +325,16 @@ class DynamicLinear(nn.Module):
         if self.dense is not None:
             return self.weight + self.dense[t], self.bias if self.db is None else self.bias + self.db[t]
         block = self._block(t)
-        weight = self.weight + (self.v_cat[:, block] @ self.us_cat[block]).T
+        weight = self.weight + self.us_cat[block].T @ self.vt_cat[block]
         return weight.contiguous(), self.bias + self.us_cat[block][-1] if self.bias_col else self.bias
 
 
-class DynamicEmbedding(nn.Module):
+class DynamicEmbedding(nn.Module, _Blocks):
     """nn.Embedding with per-sample low-rank corrections. ids [B, L] (or [1, L], broadcast) -> [B, L, d].
 
-    Buffers: us_cat [num, n*R] (rows of U_t S_t, expert-major blocks), vt_cat [n*R, d] (V_t^T blocks), or dense
-    [n, num, d] when every expert's delta is dense. Never materialised by `ExpertCache`: the correction is a row
-    gather and a [tokens, R] x [R, d] product.
+    Buffers: us_cat [num, W] (rows of U_t S_t, expert t in columns `_block(t)`, r_t wide), vt_cat [W, d] (V_t^T
+    blocks), or dense [n, num, d] when every expert's delta is dense. Never materialised by `ExpertCache`: the
+    correction is a row gather and a [tokens, r_t] x [r_t, d] product.
     """
 
     def __init__(self, base, factors, name, routing):
@@ -318,10 +344,12 @@ class DynamicEmbedding(nn.Module):
         self.register_buffer("dense", None, persistent=False)
         if _all_dense(factors, f"{name}.weight"):  # [n, num, d]
             self.dense = _stack_dense(factors, f"{name}.weight", shape, dtype)
-        us, vs = _stack_factors([] if self.dense is not None else factors, f"{name}.weight", shape, dtype)
-        self.rank = us.shape[2]
-        self.register_buffer("us_cat", us.permute(1, 0, 2).reshape(base.weight.shape[0], -1).contiguous(), persistent=False)
-        self.register_buffer("vt_cat", vs.permute(0, 2, 1).reshape(-1, base.weight.shape[1]).contiguous(), persistent=False)
+            us, vs, widths = _blocks([], f"{name}.weight", shape, dtype)
+        else:
+            us, vs, widths = _blocks(factors, f"{name}.weight", shape, dtype)
+        self._set_blocks(widths)
+        self.register_buffer("us_cat", us.contiguous(), persistent=False)
+        self.register_buffer("vt_cat", vs.T.contiguous(), persistent=False)
 
     def forward(self, ids):
         r = self.routing
@@ -335,12 +363,12 @@ class DynamicEmbedding(nn.Module):
         return y
 
     def _add_batched(self, y, ids):
-        """y += sum_t w_t (U_t S_t)[ids] V_t^T for every expert (one gather, one GEMM over n*R columns)."""
+        """y += sum_t w_t (U_t S_t)[ids] V_t^T for every expert (one gather, one GEMM over W columns)."""
         r = self.routing
         if self.dense is not None:
             y += torch.einsum("nbld,bn->bld", self.dense[:, ids], r.dense)
         else:
-            h = F.embedding(ids, self.us_cat) * r.rank_weights(self.rank)[:, None]
+            h = F.embedding(ids, self.us_cat) * r.column_weights(self.col_expert)[:, None]
             y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.vt_cat)
 
     def _add_group(self, y, ids, g):
@@ -349,7 +377,9 @@ class DynamicEmbedding(nn.Module):
         if self.dense is not None:
             y[g.rows] += _scaled(F.embedding(ids, self.dense[g.expert]), g.scale).view_as(y[g.rows])
         else:
-            block = slice(g.expert * self.rank, (g.expert + 1) * self.rank)
+            block = self._block(g.expert)
+            if block.start == block.stop:  # the expert stores no delta of this table
+                return
             h = _scaled(F.embedding(ids, self.us_cat[:, block]), g.scale)
             y[g.rows].view(-1, y.shape[-1]).addmm_(h, self.vt_cat[block])
 
@@ -377,7 +407,7 @@ class ExpertCache:
 
     A resident expert t's top-1 inputs run every dynamic Linear as one GEMM with W_s + delta_t and
     b_s + db_t (`DynamicLinear.materialise`): the static model's cost. Only Linear modules are materialised:
-    embeddings keep their low-rank correction (a row gather and a [tokens, R] x [R, d] product, ~0.1% of
+    embeddings keep their low-rank correction (a row gather and a [tokens, r_t] x [r_t, d] product, ~0.1% of
     MiniLM's FLOPs) and LayerNorms their per-sample gamma/beta, so one expert costs the bytes of the model's
     dynamic Linear weights and biases in the model dtype (MiniLM float32: 41 MiB, 48% of the 87 MiB dense
     model, whose word embeddings are half of it); all T experts cost T times that (`nbytes`).
@@ -574,9 +604,9 @@ class RoutedDeltaModel(nn.Module):
 
     def _routed(self, run, inputs, weights, top_k=None, head_ids=None):
         """run(inputs) -> [B, ...] under per-sample routing (weights [B, n], top_k, head_ids [B] or None), in
-        input order: batched when every row uses every expert, else grouped: each row's experts (largest
-        |weight| first, unused slots none), the batch sorted by them (`_lexsort`) and run as `_groups` segments
-        (cached top-1 segments when the `ExpertCache` is on)."""
+        input order: batched when every row uses every expert, else grouped: each row's k experts (its largest
+        |weights|; k > 1: in increasing expert order, unused slots last), the batch sorted by them (`_lexsort`)
+        and run as `_groups` segments (cached top-1 segments when the `ExpertCache` is on)."""
         n = len(self.factors)
         weights = weights.to(self.dtype)
         if top_k is not None and top_k < n:
@@ -587,6 +617,9 @@ class RoutedDeltaModel(nn.Module):
         idx = weights.abs().topk(max(active, 1), dim=1).indices
         kept = weights.gather(1, idx)
         idx[:, 1:][kept[:, 1:] == 0] = n  # unused slots: no segment
+        if idx.shape[1] > 1:  # a row's experts in increasing order: rows using the same SET of experts sort
+            idx, slots = idx.sort(dim=1)  # together, so column 1 has one segment per pair, not per ordered pair
+            kept = kept.gather(1, slots)
         order = _lexsort(idx)
         idx, kept = idx[order], kept[order]
         groups = _groups(idx, kept, n, self._cached_experts(idx, kept))

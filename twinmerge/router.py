@@ -5,9 +5,10 @@ pooled over non-padding tokens ("mean", "cls", "max" or "mean_max" = [mean, max]
 D = len(layers) * H (2 * len(layers) * H for mean_max).
 MLP (the paper's): D -> h -> h -> n with h = hidden_mult * D, each hidden layer Linear, BatchNorm1d,
 LeakyReLU, Dropout; inputs standardised with the training features' mean/std (buffers).
-Training uses VALIDATION data only: a seeded stratified fit/holdout split, AdamW + cross-entropy, early
-stopping on holdout accuracy (ties: lower loss), best state restored; optionally (`refit`) a fresh router is
-then trained on all the validation data for the best epoch count.
+Training uses labelled task inputs that are never test data (the `router` stage: the validation splits, the
+paper's protocol, optionally with the training splits): a seeded stratified fit/holdout split, AdamW +
+cross-entropy, early stopping on holdout accuracy (ties: lower loss), best state restored; optionally (`refit`)
+a fresh router is then trained on all of them for the best epoch count.
 Routing weights: softmax(logits / T); with top_k the k largest are kept and renormalised to sum 1
 (`twinmerge.routed.top_k_weights`, the same rule the dynamic model applies). T and top_k are inference
 options of the consumer (evaluation, bundle), not part of the router.
@@ -102,7 +103,7 @@ class RouterConfig:
     layers: list[int] = field(default_factory=lambda: [-1])  # feature recipe: hidden-state layers,
     pooling: str = "mean"                                       # their pooling,
     max_length: int = 128                                       # and the tokenizer's truncation length
-    refit: bool = False  # after early stopping, retrain on all validation data for the best epoch count
+    refit: bool = False  # after early stopping, retrain on all its inputs (holdout too) for the best epoch count
 
     @classmethod
     def from_dict(cls, d):
@@ -208,7 +209,7 @@ def _fit(router, features, labels, fit, hold, config, epochs, progress):
 
 
 def train_router(features, labels, config: RouterConfig, progress=True):
-    """Train a Router on (features [N, D], task-id labels [N]) from validation data -> (router, TrainReport).
+    """Train a Router on (features [N, D], task-id labels [N]) of non-test inputs -> (router, TrainReport).
 
     With config.refit, the router returned is retrained from scratch on ALL of (features, labels) for the
     best epoch count found with the holdout; the report still describes the holdout run (an honest estimate).

@@ -27,7 +27,10 @@ from twinmerge.taskpool import TaskPool
 # (the router, unsupervised learning); validation labels (options chosen by validation score, supervised
 # learning); unlabelled TEST inputs (the test-time adaptation protocol of AdaMerging/Concrete's papers: `_tta`
 # rows, never a headline).
-DATA = ("none", "validation_inputs", "validation_labels", "test_inputs")
+# what a row learned or selected from, least to most: nothing; validation inputs with their task ids (the router,
+# learned gates); validation labels (a grid choice); the experts' training inputs too (a router of
+# `router.splits: [train, validation]`); unlabelled test inputs (test-time adaptation, the paper's protocol)
+DATA = ("none", "validation_inputs", "validation_labels", "train_inputs", "test_inputs")
 
 
 def more_data(*kinds: str) -> str:

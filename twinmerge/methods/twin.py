@@ -22,7 +22,9 @@ class TwinMerging(RoutedMethod):
     key = "twin"
     label = "Twin-Merging"
     reference = "Lu et al., Twin-Merging, NeurIPS 2024 (arXiv 2406.15479)"
-    data_used = "validation_inputs"
+    # builds nothing from data beyond the shared `router` stage's router, which the rows using it declare (Mode.data:
+    # its inputs); so true-task routing learned nothing, as EMR's oracle row
+    data_used = "none"
     modes = {
         "router": Mode("Twin-Merging, router weights and router-chosen head (no task id)", "router", "router"),
         "oracle": Mode("Twin-Merging, router weights + gold task's head (task id picks the head; the official "
