@@ -68,20 +68,19 @@ def routing_stats(names: list[str], weights: torch.Tensor, task_ids: torch.Tenso
             "confusion": confusion.tolist()}
 
 
-def router_splits(artifacts: Path) -> list[str]:
-    """The splits whose inputs the router in `artifacts`/router learnt from (its report.json; a report from
-    before `router.splits` existed: the validation splits)."""
-    return list(json.loads((artifacts / "router" / "report.json").read_text()).get("inputs", ["validation"]))
+def router_report(artifacts: Path) -> dict:
+    """The `router` stage's report.json in `artifacts`/router; `inputs` (inputs per split it learnt from) is
+    {"validation": None} for a report from before `router.splits` existed."""
+    report = json.loads((artifacts / "router" / "report.json").read_text())
+    return {"inputs": {"validation": None}, **report}
 
 
-def _routing(ctx: Context, names: list[str], weights: torch.Tensor, task_ids: torch.Tensor) -> dict:
-    """routing_stats on test plus the router's options, the splits it learnt from, its holdout accuracy and
-    feature recipe."""
-    router = ctx.artifacts / "router"
-    recipe = json.loads((router / "router.json").read_text())["config"]
-    report = json.loads((router / "report.json").read_text())
+def _routing(ctx: Context, names: list[str], weights: torch.Tensor, task_ids: torch.Tensor, report: dict) -> dict:
+    """routing_stats on test plus the router's options, the splits it learnt from and its holdout accuracy (its
+    `router_report`) and feature recipe."""
+    recipe = json.loads((ctx.artifacts / "router" / "router.json").read_text())["config"]
     return {**routing_stats(names, weights, task_ids), "temperature": ctx.temperature, "top_k": ctx.top_k,
-            "splits": router_splits(ctx.artifacts), "holdout_accuracy": report["holdout_accuracy"],
+            "splits": list(report["inputs"]), "holdout_accuracy": report["holdout_accuracy"],
             "features": {k: recipe[k] for k in ("layers", "pooling", "max_length")}}
 
 
@@ -106,7 +105,8 @@ def evaluate_routed(method, ctx: Context, out_dir: Path, test: TaskPool | Genera
     rows = {row: _row(method, label, not lm, "none", static_bytes, test.score_backbone(backbone, row))
             for row, (label, backbone) in method.static_rows(ctx, out_dir).items()}
     modes = method.generative_modes if lm else method.modes
-    router_data = "train_inputs" if "train" in router_splits(ctx.artifacts) else "validation_inputs"
+    report = router_report(ctx.artifacts)
+    router_data = "train_inputs" if "train" in report["inputs"] else "validation_inputs"
     n, task_ids = len(test.names), test.task_ids
     needs_router = any(m.data != "none" for m in modes.values())
     weights = method.router_weights(ctx, test.prompts if lm else test.texts) if needs_router else None
@@ -119,7 +119,7 @@ def evaluate_routed(method, ctx: Context, out_dir: Path, test: TaskPool | Genera
         scores = score(mode, _mode_weights(mode, weights, task_ids, n), top_k, row)
         mode_data = router_data if mode.data == "validation_inputs" else mode.data  # the router's inputs
         rows[row] = _row(method, mode.label, mode.uses_task_id, more_data(data, mode_data), stored_row, scores)
-    return rows, None if weights is None else _routing(ctx, test.names, weights, task_ids)
+    return rows, None if weights is None else _routing(ctx, test.names, weights, task_ids, report)
 
 
 def _through_heads(test: TaskPool, model, weights: torch.Tensor | None, task_ids: torch.Tensor):

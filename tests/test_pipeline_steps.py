@@ -257,7 +257,8 @@ def test_router_learns_from_the_splits_it_is_given(ran, project, monkeypatch, tm
     both = params.model_copy(update={"router": params.router.model_copy(update={"splits": ["train", "validation"]})})
     out = tmp_path / "artifacts" / "router"
     wider = route.fit_router(both, out_dir=out, progress=False)
-    assert read == ["train", "validation"] and method_step.router_splits(tmp_path / "artifacts") == read
+    assert read == ["train", "validation"]
+    assert list(method_step.router_report(tmp_path / "artifacts")["inputs"]) == read
     assert wider["inputs"] == {"train": 3 * 24, "validation": 3 * 40}
     assert wider["n_fit"] + wider["n_holdout"] == 3 * 64 and wider["holdout_accuracy"] >= 0.9
     assert (out / "model.safetensors").read_bytes() != (project / "artifacts/router/model.safetensors").read_bytes()

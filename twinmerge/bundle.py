@@ -152,11 +152,12 @@ class TwinBundle:
         Empty texts and top_k < 1 are refused (`check_inputs`). A generative bundle gives, instead of the label,
         the greedy generation of at most max_new_tokens new tokens (`generation`)."""
         check_inputs(texts, top_k)
+        top_k = self.top_k if top_k is None else top_k
         features = self.router.features(self.feature_model, texts, batch_size=batch_size, progress=False)
-        weights = route(self.router.router, features, self.temperature, top_k if top_k is not None else self.top_k)
+        weights = route(self.router.router, features, self.temperature, top_k)
         if self.generative:
             generations = generate(self.dynamic, self.tokenizer, texts, self.max_new_tokens, self.max_length,
-                                   batch_size, weights, top_k if top_k is not None else self.top_k)
+                                   batch_size, weights, top_k)
             names = [self.experts[int(w.argmax())] for w in weights]
             return [{"text": text, "expert": name, "task": self.tasks[name],
                      "weights": {n: round(float(x), 4) for n, x in zip(self.experts, w)}, "generation": g}

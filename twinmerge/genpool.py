@@ -26,7 +26,7 @@ from twinmerge.errors import CheckpointError, TwinMergeError
 from twinmerge.io import ExpertSet
 from twinmerge.metrics import GENERATIVE_METRICS
 from twinmerge.metrics import score as metric_score
-from twinmerge.modelpool import config_from_dict
+from twinmerge.modelpool import check_state_names, config_from_dict
 from twinmerge.progress import progress_bar
 from twinmerge.taskpool import TaskPool
 
@@ -46,12 +46,7 @@ def assemble_causal_lm(config: dict, state: Mapping[str, torch.Tensor]):
         model = AutoModelForCausalLM.from_config(
             config_from_dict({k: v for k, v in config.items() if k not in ("torch_dtype", "dtype")}))
     tied = {f"{head}.weight": f"{emb}.weight" for head, emb in _tied_head(model).items()}
-    persistent = set(model.state_dict())
-    missing = sorted(persistent - set(state) - set(tied))
-    unexpected = sorted(set(state) - persistent)
-    if missing or unexpected:
-        raise CheckpointError(f"cannot assemble a {type(model).__name__}: missing tensors {missing[:5]}, "
-                              f"unexpected tensors {unexpected[:5]}")
+    check_state_names(model, state, optional=tied)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict({**{h: state[e] for h, e in tied.items()}, **state}, strict=True, assign=True)
     model.tie_weights()

@@ -18,6 +18,17 @@ def config_from_dict(config: dict) -> PretrainedConfig:
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
+def check_state_names(model: torch.nn.Module, state, optional=()) -> None:
+    """CheckpointError (listing up to 5 names of each) unless `state` holds exactly `model`'s persistent tensors;
+    names in `optional` may be absent (a tied output head, which takes the input embedding)."""
+    persistent = set(model.state_dict())
+    missing = sorted(persistent - set(state) - set(optional))
+    unexpected = sorted(set(state) - persistent)
+    if missing or unexpected:
+        raise CheckpointError(f"cannot assemble a {type(model).__name__}: missing tensors {missing[:5]}, "
+                              f"unexpected tensors {unexpected[:5]}")
+
+
 def assemble_classifier(config: dict | PretrainedConfig, state: dict[str, torch.Tensor]):
     """HF sequence classifier with exactly the given tensors (canonical names), in eval mode, float32.
 
@@ -26,12 +37,7 @@ def assemble_classifier(config: dict | PretrainedConfig, state: dict[str, torch.
     cfg = config if isinstance(config, PretrainedConfig) else config_from_dict(config)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(cfg)
-    persistent = set(model.state_dict())
-    missing = sorted(persistent - set(state))
-    unexpected = sorted(set(state) - persistent)
-    if missing or unexpected:
-        raise CheckpointError(f"cannot assemble a {type(model).__name__}: missing tensors {missing[:5]}, "
-                              f"unexpected tensors {unexpected[:5]}")
+    check_state_names(model, state)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                           strict=True, assign=True)
     _materialize_buffers(model)

@@ -55,15 +55,18 @@ class TwinMerging(RoutedMethod):
         shared = load_shared(ctx.artifacts / "shared")
         first = ctx.pool.names[0]
         model = assemble_classifier(ctx.pool.experts[first].config, {**shared, **expert_heads(ctx.pool, first)})
-        return RoutedDeltaModel(model, [load_factors(ctx.artifacts / "exclusive" / f"{n}.safetensors")
-                                        for n in ctx.pool.names])
+        return RoutedDeltaModel(model, self._factors(ctx))
 
     def model_lm(self, ctx: Context, out_dir: Path) -> RoutedCausalLM:
         """The routed causal LM: theta_s (a causal LM of the experts' config) + each expert's factors."""
         shared = assemble_causal_lm(ctx.pool.experts[ctx.pool.names[0]].config,
                                     load_shared(ctx.artifacts / "shared"))
-        return RoutedCausalLM(shared, [load_factors(ctx.artifacts / "exclusive" / f"{n}.safetensors")
-                                       for n in ctx.pool.names])
+        return RoutedCausalLM(shared, self._factors(ctx))
+
+    @staticmethod
+    def _factors(ctx: Context) -> list:
+        """Every expert's factors (`compress`'s files), in registry order."""
+        return [load_factors(ctx.artifacts / "exclusive" / f"{n}.safetensors") for n in ctx.pool.names]
 
     def static_rows(self, ctx: Context, out_dir: Path) -> dict[str, tuple[str, dict]]:
         how = "no task id" if ctx.generative else "task id picks the head"
