@@ -42,7 +42,6 @@ from twinmerge.exclusive import ExclusiveFactors
 from twinmerge.metrics import answered_predictions
 from twinmerge.modelpool import map_batches
 from twinmerge.routed import RoutedDeltaModel
-from twinmerge.router import route
 
 LIBC = ctypes.CDLL("libc.so.6")
 N_EXPERTS, BATCH, SEQ, RANK_FRACTION = 6, 32, 64, 0.1
@@ -285,8 +284,7 @@ def real_bundle(args, repeats):
     print(f"\nloaded {args.bundle} ({n} experts) in {time.perf_counter() - t0:.0f} s")
     texts, tasks, labels = score_sample(bundle, args.bundle, args.per_task)
     with torch.inference_mode():
-        weights = route(bundle.router.router, bundle.router.features(bundle.feature_model, texts, progress=False),
-                        bundle.temperature)
+        weights = bundle.router.weights(bundle.feature_model, texts, bundle.temperature, progress=False)
     pick = torch.randperm(len(texts), generator=torch.Generator().manual_seed(2))[:BATCH]
     enc = bundle.tokenizer([texts[i] for i in pick], truncation=True, max_length=bundle.max_length, padding=True,
                            return_tensors="pt")

@@ -207,11 +207,16 @@ class ExpertSpec(_Strict):
             raise ValueError(f"unknown metric {v!r}; use one of {usable}")
         return v
 
-    @property
-    def generative(self) -> bool:
+    @staticmethod
+    def generative_metric(metric: str) -> bool:
+        """Whether `metric` scores generated text (a causal-LM expert) rather than class logits."""
         from twinmerge.metrics import GENERATIVE_METRICS
 
-        return self.metric in GENERATIVE_METRICS
+        return metric in GENERATIVE_METRICS
+
+    @property
+    def generative(self) -> bool:
+        return self.generative_metric(self.metric)
 
 
 class MergeParams(_Strict):
@@ -307,6 +312,8 @@ class RouterParams(_Strict):
     # the task splits whose inputs the router learns from: the paper's protocol is the validation splits only;
     # "train" adds the experts' training inputs (labelled by task, like validation). Never "test".
     splits: list[Literal["train", "validation"]] = Field(default_factory=lambda: ["validation"], min_length=1)
+    # "char_ngrams": average the MLP's probabilities with a char n-gram classifier of the same inputs' texts
+    ensemble: Literal["char_ngrams"] | None = None
 
     @field_validator("splits")
     @classmethod

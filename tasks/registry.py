@@ -30,7 +30,6 @@ from tasks.download import (_checkpoint_files, check_fits_task, check_task_files
 from tasks.params import ExpertSpec, HubSource, Params, ParamsError, check_name, load_params, read_yaml
 from twinmerge.errors import CheckpointError, SourceError, TwinMergeError
 from twinmerge.io import ExpertSet
-from twinmerge.metrics import GENERATIVE_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +326,7 @@ def add_expert(name: str, task: str, data: str, metric: str = "accuracy", path: 
         ExpertSpec._known_metric(metric)  # the params schema's rule (regression metrics refused)
     except ValueError as exc:
         raise ParamsError(f"expert add: --metric: {exc}") from None
-    generative = metric in GENERATIVE_METRICS
+    generative = ExpertSpec.generative_metric(metric)
     others = [n for n in params.experts if n != name]
     if others and params.generative != generative:
         kind, registered = ("generative", "classification") if generative else ("classification", "generative")

@@ -26,7 +26,7 @@ def router_config(params: Params, in_dim: int) -> RouterConfig:
                         dropout=r.dropout, lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs,
                         batch_size=r.batch_size, patience=r.patience, holdout_fraction=r.holdout_fraction,
                         seed=params.seed, layers=list(r.layers), pooling=r.pooling, max_length=r.max_length,
-                        refit=r.refit)
+                        refit=r.refit, ensemble=r.ensemble)
 
 
 def fit_router(params: Params, shared_dir: str | Path = "artifacts/shared", out_dir: str | Path = "artifacts/router",
@@ -52,7 +52,7 @@ def fit_router(params: Params, shared_dir: str | Path = "artifacts/shared", out_
         features = extract_features(model, tokenizer, texts, layers=tuple(r.layers), pooling=r.pooling,
                                     max_length=r.max_length, progress=progress)
         config = router_config(params, features.shape[1])
-        router, report = train_router(features, labels, config, progress=progress)
+        router, report = train_router(features, labels, config, progress=progress, texts=texts)
     save_router(router, config, out_dir, tokenizer, weights_sha256(shared_dir))
     summary = {"experts": names, "inputs": counts, "holdout_accuracy": report.holdout_accuracy,
                "per_task": dict(zip(names, report.per_class_accuracy)), "confusion": report.confusion,

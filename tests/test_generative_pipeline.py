@@ -194,14 +194,12 @@ def test_twin_router_row_equals_generation_by_each_prompts_materialised_model(bu
     weights, generates: the batched engine adds nothing and loses nothing (soft weights mix in other experts)."""
     from twinmerge.genpool import left_padded, pad_token_id
     from twinmerge.metrics import score
-    from twinmerge.router import route
 
     bundle = TwinBundle.load(built["root"] / "artifacts" / "twin")
     scores = {}
     for task in TASKS:
         prompts, answers = zip(*examples(task, "test"))
-        weights = route(bundle.router.router, bundle.router.features(bundle.feature_model, list(prompts),
-                                                                      progress=False), bundle.temperature)
+        weights = bundle.router.weights(bundle.feature_model, list(prompts), bundle.temperature, progress=False)
         pad = pad_token_id(bundle.tokenizer)
         out = []
         for prompt, w in zip(prompts, weights):

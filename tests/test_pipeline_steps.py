@@ -77,7 +77,8 @@ def project(tmp_path_factory):
                           for i, (name, folder) in enumerate(experts.items())},
               "merge": {"method": "task_arithmetic", "options": {"scaling": 0.4}},
               "compress": {"rank": {"mode": "fraction", "value": 0.25}, "dtype": "float32"},
-              "router": {"epochs": 200, "patience": 60, "batch_size": 16, "max_length": 16, "dropout": 0.1},
+              "router": {"epochs": 200, "patience": 60, "batch_size": 16, "max_length": 16, "dropout": 0.1,
+                         "ensemble": "char_ngrams"},
               "evaluate": {"batch_size": 8, "max_length": 16},
               "methods": EVERY_METHOD}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -219,14 +220,16 @@ def test_twin_router_score_is_what_a_user_of_the_bundle_gets(ran, project):
 
 
 def test_storage_counts_every_head_once(ran, project):
-    """Twin rows store the shared backbone, the experts' factors (heads excluded) and each head once."""
+    """Twin rows store the shared backbone, the experts' factors (heads excluded), each head once and the
+    router: its MLP and its n-gram member."""
     params, metrics, _ = ran
     stats = [json.loads((project / f"artifacts/exclusive/{n}.stats.json").read_text())["totals"]
              for n in params.experts]
     heads = sum(s["head_bytes"] for s in stats)
     rows = metrics["methods"]
     backbone = rows["shared"]["stored_bytes"] - heads
-    router = (project / "artifacts/router/model.safetensors").stat().st_size
+    router = sum((project / "artifacts/router" / name).stat().st_size
+                 for name in ("model.safetensors", "ngrams.safetensors", "ngrams.json"))
     exclusive = sum(s["exclusive_bytes"] for s in stats)
     assert rows["twin_router"]["stored_bytes"] == backbone + exclusive + heads + router
     assert rows["experts"]["stored_bytes"] == len(params.experts) * backbone + heads
@@ -262,6 +265,8 @@ def test_router_learns_from_the_splits_it_is_given(ran, project, monkeypatch, tm
     assert wider["inputs"] == {"train": 3 * 24, "validation": 3 * 40}
     assert wider["n_fit"] + wider["n_holdout"] == 3 * 64 and wider["holdout_accuracy"] >= 0.9
     assert (out / "model.safetensors").read_bytes() != (project / "artifacts/router/model.safetensors").read_bytes()
+    for member in ("ngrams.safetensors", "ngrams.json"):  # the ensemble's n-gram member, learnt from train too
+        assert (out / member).read_bytes() != (project / "artifacts/router" / member).read_bytes()
     for name in ("base", "checkpoints", "shared", "exclusive"):  # Twin-Merging's rows under the wider router
         (tmp_path / "artifacts" / name).symlink_to(project / "artifacts" / name)
     (tmp_path / "artifacts/eval").mkdir()
@@ -289,6 +294,7 @@ def test_bundle_predictions_match_evaluation(ran, project):
     """The bundle (one call to load) routes like evaluate's twin_router and gives label names."""
     params, metrics, _ = ran
     bundle = TwinBundle.load(project / "artifacts/twin")
+    assert bundle.router.router.ngrams is not None  # the router's n-gram member travels with the bundle
     texts = pd.read_parquet(project / "data/tasks/t1/test.parquet")["text"].tolist()
     preds = bundle.predict(texts)
     assert {p["expert"] for p in preds} <= set(params.experts)
@@ -296,6 +302,36 @@ def test_bundle_predictions_match_evaluation(ran, project):
     assert abs(routed - metrics["routing"]["per_task"]["beta"]) < 1e-6  # float32 division in evaluate
     assert all(p["label"] in {"LABEL_0", "LABEL_1", "LABEL_2"} for p in preds if p["expert"] == "beta")
     assert all(abs(sum(p["weights"].values()) - 1) < 1e-3 for p in preds)
+
+
+def test_router_ensemble_benchmark_scores_each_rule_on_the_validation_holdout(ran, project, monkeypatch, capsys):
+    """benchmarks/router_ensemble.py: the product rule is the router's own weights; every rule is scored strictly
+    (right task and right label) on the router stage's holdout part of validation, never on test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("router_ensemble", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "router_ensemble.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bundle = TwinBundle.load(project / "artifacts/twin")
+    texts = pd.read_parquet(project / "data/tasks/t1/validation.parquet")["text"].tolist()[:12]
+    rules = bench.combinations(bundle, texts)
+    assert list(rules) == ["MLP alone", "average", "product"]
+    torch.testing.assert_close(rules["product"], bundle.router.weights(bundle.feature_model, texts, progress=False))
+    tasks = torch.ones(len(texts), dtype=torch.long)
+    wrong_task = torch.zeros(len(texts), dtype=torch.long)
+    gold = torch.zeros(len(texts), dtype=torch.long)
+    routing, per_task = bench.strict_accuracy(bundle, texts, tasks, gold, rules["product"])
+    assert routing == (rules["product"].argmax(1) == 1).float().mean().item() and 0 <= per_task[1] <= routing
+    assert bench.strict_accuracy(bundle, texts, wrong_task, gold, rules["product"])[1][0] == 0  # misrouted: wrong
+    read = []
+    monkeypatch.setattr(bench, "load_registry_split", lambda p, split: read.append(split) or load_registry_split(
+        p, split))
+    monkeypatch.chdir(project)
+    monkeypatch.setattr("sys.argv", ["router_ensemble.py"])
+    bench.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert read == ["validation"] and [line.split(":")[0].strip() for line in lines[1:]] == list(rules)
 
 
 def test_bundle_model_card_reads_its_numbers_from_metrics_and_files(ran, project):

@@ -32,7 +32,7 @@ from twinmerge.errors import CheckpointError, InputError
 from twinmerge.exclusive import load_factors
 from twinmerge.io import atomic_dir
 from twinmerge.modelpool import assemble_classifier, config_from_dict, map_batches
-from twinmerge.router import SavedRouter, load_router, route
+from twinmerge.router import SavedRouter, load_router
 from twinmerge.shared import load_shared
 
 BUNDLE_FORMAT = "twinmerge-bundle/2"
@@ -153,8 +153,7 @@ class TwinBundle:
         the greedy generation of at most max_new_tokens new tokens (`generation`)."""
         check_inputs(texts, top_k)
         top_k = self.top_k if top_k is None else top_k
-        features = self.router.features(self.feature_model, texts, batch_size=batch_size, progress=False)
-        weights = route(self.router.router, features, self.temperature, top_k)
+        weights = self.router.weights(self.feature_model, texts, self.temperature, top_k, batch_size, progress=False)
         if self.generative:
             generations = generate(self.dynamic, self.tokenizer, texts, self.max_new_tokens, self.max_length,
                                    batch_size, weights, top_k)

@@ -91,7 +91,8 @@ def model_card(folder: str | Path, meta: Mapping, metrics: Mapping | None, base_
     example, what = (("a prompt", "per prompt: routed expert, task, weights, generation") if generative else
                      ("a text to classify", "per text: routed expert, task, weights, label"))
     lines += ["", "## How to load", "",
-              f"With this project installed (`pip install -e .` in its repository), from the folder that holds `{name}/`:", "", "```bash",
+              "With this project installed (`pip install -e .` in its repository), from the folder that holds "
+              f"`{name}/`:", "", "```bash",
               f"twinmerge predict --bundle {name} \"{example}\"", "```", "", "```python",
               "from twinmerge.bundle import TwinBundle", "",
               f"bundle = TwinBundle.load(\"{name}\")",

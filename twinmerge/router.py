@@ -9,13 +9,19 @@ Training uses labelled task inputs that are never test data (the `router` stage:
 paper's protocol, optionally with the training splits): a seeded stratified fit/holdout split, AdamW +
 cross-entropy, early stopping on holdout accuracy (ties: lower loss), best state restored; optionally (`refit`)
 a fresh router is then trained on all of them for the best epoch count.
+Optionally (`ensemble: char_ngrams`) a character n-gram classifier over the texts (`twinmerge.char_ngrams`) is
+fitted on the same fit part and multiplies the MLP's probabilities p by its own q (a product of experts): the
+router's logits are then log p + log q, so softmax gives p q / sum(p q). A product keeps the weights as sharp
+as the MLP's where both agree (an average would soften every mixture; Twin-Merging merges by these weights).
+Early stopping still reads the MLP alone; the holdout report is the ensemble's.
 Routing weights: softmax(logits / T); with top_k the k largest are kept and renormalised to sum 1
 (`twinmerge.routed.top_k_weights`, the same rule the dynamic model applies). T and top_k are inference
 options of the consumer (evaluation, bundle), not part of the router.
 
 A saved router describes its own features (format `twinmerge-router/2`): router.json holds the layers,
 pooling and max_length, the sha256 of the feature model's weights (the shared expert it was trained on), and
-`tokenizer/` the tokenizer; `router_features` computes features from that recipe only, and
+`tokenizer/` the tokenizer (with an ensemble, `ngrams.*` its n-gram classifier); `SavedRouter.features`
+computes features from that recipe only, `SavedRouter.weights` routes texts, and
 `check_feature_model` refuses a feature model other than the one the router was trained on.
 """
 import json
@@ -29,11 +35,13 @@ from safetensors.torch import load_file
 from torch import nn
 from twinmerge.progress import progress_bar
 
+from twinmerge.char_ngrams import VOCAB_FILE, WEIGHTS_FILE, CharNgramClassifier
 from twinmerge.routed import top_k_weights
 from twinmerge.errors import CheckpointError, TwinMergeError
 from twinmerge.io import atomic_dir, save_safetensors_atomic, weights_sha256, write_json_atomic
 
 POOLINGS = ("mean", "cls", "max", "mean_max")
+ENSEMBLES = (None, "char_ngrams")
 ROUTER_FORMAT = "twinmerge-router/2"
 TOKENIZER_DIR = "tokenizer"
 
@@ -104,6 +112,7 @@ class RouterConfig:
     pooling: str = "mean"                                       # their pooling,
     max_length: int = 128                                       # and the tokenizer's truncation length
     refit: bool = False  # after early stopping, retrain on all its inputs (holdout too) for the best epoch count
+    ensemble: str | None = None  # "char_ngrams": average with a char n-gram classifier of the texts
 
     @classmethod
     def from_dict(cls, d):
@@ -111,7 +120,9 @@ class RouterConfig:
 
 
 class Router(nn.Module):
-    """MLP router: x [N, in_dim] -> standardise -> depth x (Linear, BatchNorm1d, LeakyReLU, Dropout) -> [N, n]."""
+    """MLP router: x [N, in_dim] -> standardise -> depth x (Linear, BatchNorm1d, LeakyReLU, Dropout) -> [N, n].
+
+    `ngrams` (a CharNgramClassifier, or None) is the ensemble's text member, applied by `router_logits`."""
 
     def __init__(self, config: RouterConfig):
         super().__init__()
@@ -122,6 +133,7 @@ class Router(nn.Module):
         self.net = nn.Sequential(*layers, nn.Linear(width, config.n_experts))
         self.register_buffer("mean", torch.zeros(config.in_dim))
         self.register_buffer("std", torch.ones(config.in_dim))
+        self.ngrams: CharNgramClassifier | None = None
 
     def forward(self, x):
         return self.net((x - self.mean) / self.std)
@@ -155,10 +167,21 @@ class TrainReport:
     history: list  # [{"epoch", "train_loss", "holdout_loss", "holdout_accuracy"}]
 
 
+def router_logits(router, features, texts=None):
+    """The router's logits [N, n]: the MLP's, or with an n-gram member log_softmax(MLP) + log q(texts)."""
+    logits = router(features)
+    if router.ngrams is None:
+        return logits
+    if texts is None or len(texts) != len(features):
+        raise TwinMergeError("this router also reads the texts (router ensemble char_ngrams): pass one text per "
+                             "feature row")
+    return torch.log_softmax(logits, dim=1) + router.ngrams.predict_proba(texts).log()
+
+
 @torch.no_grad()
-def _evaluate(router, x, y, n):
+def _evaluate(router, x, y, n, texts=None):
     router.eval()
-    logits = router(x)
+    logits = router_logits(router, x, texts)
     pred = logits.argmax(1)
     confusion = torch.zeros(n, n, dtype=torch.long).index_put_((y, pred), torch.ones_like(y), accumulate=True)
     return F.cross_entropy(logits, y).item(), (pred == y).float().mean().item(), confusion
@@ -196,7 +219,8 @@ def _fit(router, features, labels, fit, hold, config, epochs, progress):
             loss, acc, _ = _evaluate(router, features[hold], labels[hold], config.n_experts)
             entry.update(holdout_loss=loss, holdout_accuracy=acc)
             if best_key is None or (acc, -loss) > best_key:
-                best, best_key, best_epoch, stale = {k: v.clone() for k, v in router.state_dict().items()}, (acc, -loss), epoch, 0
+                best = {k: v.clone() for k, v in router.state_dict().items()}
+                best_key, best_epoch, stale = (acc, -loss), epoch, 0
             else:
                 stale += 1
         history.append(entry)
@@ -208,23 +232,34 @@ def _fit(router, features, labels, fit, hold, config, epochs, progress):
     return history, best_epoch or len(history)
 
 
-def train_router(features, labels, config: RouterConfig, progress=True):
+def _pick(texts, idx):
+    return None if texts is None else [texts[i] for i in idx.tolist()]
+
+
+def train_router(features, labels, config: RouterConfig, progress=True, texts=None):
     """Train a Router on (features [N, D], task-id labels [N]) of non-test inputs -> (router, TrainReport).
 
-    With config.refit, the router returned is retrained from scratch on ALL of (features, labels) for the
+    With config.ensemble, `texts` (the N inputs the features came from) train the n-gram member on the same fit
+    part. With config.refit, the router returned is retrained from scratch on ALL of (features, labels) for the
     best epoch count found with the holdout; the report still describes the holdout run (an honest estimate).
     """
     labels = torch.as_tensor(labels).long()
     if features.shape != (len(labels), config.in_dim) or labels.min() < 0 or labels.max() >= config.n_experts:
         raise TwinMergeError(f"router training needs features [N, {config.in_dim}] and labels in "
                              f"[0, {config.n_experts}); got {tuple(features.shape)}")
+    if config.ensemble not in ENSEMBLES:
+        raise TwinMergeError(f"unknown router ensemble {config.ensemble!r}; choose one of {ENSEMBLES}")
+    if config.ensemble and (texts is None or len(texts) != len(labels)):
+        raise TwinMergeError(f"router ensemble {config.ensemble}: needs the {len(labels)} texts of the features")
     features = features.float()
     fit, hold = stratified_split(labels, config.holdout_fraction, config.seed)
     router = _new_router(config, features, fit)
     history, best_epoch = _fit(router, features, labels, fit, hold, config, config.epochs, progress)
+    if config.ensemble:
+        router.ngrams = CharNgramClassifier.fit(_pick(texts, fit), labels[fit], config.n_experts)
     acc, per_class, confusion = None, [], []
     if len(hold):
-        _, acc, conf = _evaluate(router, features[hold], labels[hold], config.n_experts)
+        _, acc, conf = _evaluate(router, features[hold], labels[hold], config.n_experts, _pick(texts, hold))
         per_class = [(conf[c, c] / conf[c].sum()).item() if conf[c].sum() else None for c in range(config.n_experts)]
         confusion = conf.tolist()
     report = TrainReport(acc, per_class, confusion, len(history), best_epoch, len(fit), len(hold), history)
@@ -232,22 +267,33 @@ def train_router(features, labels, config: RouterConfig, progress=True):
         everything = torch.arange(len(labels))
         router = _new_router(config, features, everything)
         _fit(router, features, labels, everything, everything[:0], config, best_epoch, progress=False)
+        if config.ensemble:
+            router.ngrams = CharNgramClassifier.fit(texts, labels, config.n_experts)
     return router, report
 
 
 @torch.no_grad()
-def route(router, features, temperature=1.0, top_k=None):
-    """Routing weights [N, n] = softmax(router(features) / temperature); top_k: keep k largest, renormalised."""
+def route(router, features, temperature=1.0, top_k=None, texts=None):
+    """Routing weights [N, n] = softmax(router_logits(features, texts) / temperature); top_k: keep the k largest,
+    renormalised. `texts` only for a router with an n-gram member."""
     router.eval()
-    weights = torch.softmax(router(features.float()) / temperature, dim=1)
+    weights = torch.softmax(router_logits(router, features.float(), texts) / temperature, dim=1)
     return weights if top_k is None or top_k >= weights.shape[1] else top_k_weights(weights, top_k)[0]
 
 
 def save_router(router, config: RouterConfig, folder, tokenizer, feature_model_sha256: str):
     """Write `folder`/model.safetensors (weights + standardisation buffers), router.json (config, feature
-    model hash) and `folder`/tokenizer/, each file atomically."""
+    model hash), `folder`/tokenizer/ and, with an ensemble, the n-gram member's files, each atomically."""
     folder = Path(folder)
+    if (router.ngrams is None) != (config.ensemble is None):
+        raise TwinMergeError(f"router config says ensemble {config.ensemble!r} but the router "
+                             f"{'has no' if router.ngrams is None else 'has an'} n-gram member")
     save_safetensors_atomic(router.state_dict(), folder / "model.safetensors", {"format": ROUTER_FORMAT})
+    if router.ngrams is not None:
+        router.ngrams.save(folder)
+    else:
+        for stale in (WEIGHTS_FILE, VOCAB_FILE):
+            (folder / stale).unlink(missing_ok=True)
     with atomic_dir(folder / TOKENIZER_DIR) as tmp:
         tokenizer.save_pretrained(tmp)
     write_json_atomic({"format": ROUTER_FORMAT, "config": asdict(config),
@@ -280,6 +326,11 @@ class SavedRouter:
         return extract_features(feature_model, self.tokenizer, texts, layers=tuple(c.layers), pooling=c.pooling,
                                 batch_size=batch_size, max_length=c.max_length, progress=progress)
 
+    def weights(self, feature_model, texts, temperature=1.0, top_k=None, batch_size=64, progress=True):
+        """Routing weights [N, n] of texts (`route` on their features, and on the texts for an ensemble)."""
+        features = self.features(feature_model, texts, batch_size=batch_size, progress=progress)
+        return route(self.router, features, temperature, top_k, texts)
+
 
 def load_router(folder) -> SavedRouter:
     """The router saved in `folder` by save_router (CheckpointError, one line, if it is not one)."""
@@ -295,6 +346,8 @@ def load_router(folder) -> SavedRouter:
         tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
         router = Router(config)
         router.load_state_dict(state, strict=True)
+        if config.ensemble is not None:
+            router.ngrams = CharNgramClassifier.load(folder)
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:

@@ -84,13 +84,14 @@ class TaskPool:
             i = todo[torch.tensor(idx)]
             return model(**enc, weights=weights[i], head_ids=head_ids[i], top_k=top_k).logits
 
+        if reuse is not None and not len(todo):  # every input as in the previous mode (e.g. none misrouted)
+            return reuse[2].clone()
         fresh = map_batches(run, self.tokenizer, [texts[i] for i in todo.tolist()], self.batch_size,
                             self.max_length, desc=desc)
         if reuse is None:
             return fresh
         logits = reuse[2].clone()
-        if len(todo):
-            logits[todo] = fresh
+        logits[todo] = fresh
         return logits
 
     def score_logits(self, logits: torch.Tensor, head_ids: torch.Tensor) -> dict[str, float]:

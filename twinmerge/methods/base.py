@@ -114,8 +114,13 @@ def expert_heads(pool: ExpertSet, name: str) -> dict[str, torch.Tensor]:
 
 
 def router_bytes(artifacts: Path) -> int:
-    """Bytes of the router's weights file (routed rows store it beside their deltas)."""
-    return (Path(artifacts) / "router" / "model.safetensors").stat().st_size
+    """Bytes of the router's weights, with its n-gram member's when it has one (routed rows store them beside
+    their deltas)."""
+    from twinmerge.char_ngrams import VOCAB_FILE, WEIGHTS_FILE
+
+    folder = Path(artifacts) / "router"
+    return sum((folder / name).stat().st_size for name in ("model.safetensors", WEIGHTS_FILE, VOCAB_FILE)
+               if (folder / name).is_file())
 
 
 def result_row(label: str, method: str, reference: str | None, uses_task_id: bool, data: str, stored_bytes: int,
@@ -159,13 +164,13 @@ class RoutedMethod:
         return {}
 
     def router_weights(self, ctx: Context, texts: list[str]) -> torch.Tensor:
-        """Routing weights [N, n] = softmax(router(features) / T), top-k renormalised (evaluate's options)."""
+        """Routing weights [N, n] = softmax(router logits / T), top-k renormalised (evaluate's options)."""
         from transformers import AutoModel
 
-        from twinmerge.router import load_router, route
+        from twinmerge.router import load_router
 
         shared = ctx.artifacts / "shared"
         saved = load_router(ctx.artifacts / "router")
         saved.check_feature_model(shared / "model.safetensors")
-        features = saved.features(AutoModel.from_pretrained(shared).eval(), texts, progress=ctx.progress)
-        return route(saved.router, features, ctx.temperature, ctx.top_k)
+        return saved.weights(AutoModel.from_pretrained(shared).eval(), texts, ctx.temperature, ctx.top_k,
+                             progress=ctx.progress)
