@@ -312,7 +312,7 @@ class RouterParams(_Strict):
     # the task splits whose inputs the router learns from: the paper's protocol is the validation splits only;
     # "train" adds the experts' training inputs (labelled by task, like validation). Never "test".
     splits: list[Literal["train", "validation"]] = Field(default_factory=lambda: ["validation"], min_length=1)
-    # "char_ngrams": average the MLP's probabilities with a char n-gram classifier of the same inputs' texts
+    # "char_ngrams": multiply the MLP's probabilities by a char n-gram classifier's of the same inputs' texts
     ensemble: Literal["char_ngrams"] | None = None
 
     @field_validator("splits")

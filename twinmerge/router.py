@@ -112,7 +112,7 @@ class RouterConfig:
     pooling: str = "mean"                                       # their pooling,
     max_length: int = 128                                       # and the tokenizer's truncation length
     refit: bool = False  # after early stopping, retrain on all its inputs (holdout too) for the best epoch count
-    ensemble: str | None = None  # "char_ngrams": average with a char n-gram classifier of the texts
+    ensemble: str | None = None  # "char_ngrams": times a char n-gram classifier of the texts (router_logits)
 
     @classmethod
     def from_dict(cls, d):
