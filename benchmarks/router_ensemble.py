@@ -17,6 +17,7 @@ import torch
 from tasks.params import load_params
 from tasks.taskdata import load_registry_split
 from twinmerge.bundle import TwinBundle
+from twinmerge.metrics import answered_predictions
 from twinmerge.modelpool import map_batches
 from twinmerge.router import stratified_split
 
@@ -31,14 +32,17 @@ def combinations(bundle, texts):
 
 
 def strict_accuracy(bundle, texts, tasks, gold, weights):
-    """(routing accuracy, strict router-head accuracy per task [n]): right task AND right label."""
+    """(routing accuracy, strict router-head accuracy per task [n]): right task AND right label
+    (`twinmerge.metrics.answered_predictions`, the rule evaluate scores by)."""
     logits = map_batches(lambda idx, enc: bundle.dynamic(**enc, weights=weights[torch.tensor(idx)]).logits,
                          bundle.tokenizer, texts, 32, bundle.max_length)
     routed = weights.argmax(1)
-    right = torch.tensor([bool(routed[i] == tasks[i]) and int(logits[i, :len(bundle.labels[bundle.experts[int(
-        routed[i])]])].argmax()) == int(gold[i]) for i in range(len(texts))])
-    per_task = torch.stack([right[tasks == t].float().mean() for t in range(len(bundle.experts))])
-    return (routed == tasks).float().mean().item(), per_task
+    per_task = []
+    for t, name in enumerate(bundle.experts):
+        mine = tasks == t
+        answered = answered_predictions(logits[mine, :len(bundle.labels[name])], routed[mine], t)
+        per_task.append((answered == gold[mine]).float().mean())
+    return (routed == tasks).float().mean().item(), torch.stack(per_task)
 
 
 def main() -> None:
